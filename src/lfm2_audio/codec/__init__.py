@@ -1,0 +1,76 @@
+"""Audio codecs: turn 8-codebook frames (12.5 per second) into 24 kHz audio and back.
+
+Every codec offers the same small interface so generation, the CLI and the server do not care
+which one a checkpoint ships:
+
+    codec.sample_rate      output sample rate (24000)
+    codec.frame_samples    samples per code frame (1920)
+    codec.num_codebooks    codebooks per frame (8)
+    codec.can_encode       whether encode() works
+    codec.decode(codes)    [B, K, T] int64 in [0, 2047] -> [B, T * frame_samples] float32
+    codec.encode(wave)     [B, N] float32 at sample_rate -> [B, K, ceil(N / frame_samples)]
+    codec.stream(batch)    a decoder that takes frames a few at a time and returns their audio,
+                           equal to decode() of the concatenation:
+                               s = codec.stream(1); s.decode(codes[:, :, t:t+1]) -> [1, 1920]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import AUDIO_CODES, END_OF_AUDIO
+from ..errors import InputError
+
+MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+DETOKENIZER_DIR = "audio_detokenizer"
+
+
+def check_codes(codes: torch.Tensor, num_codebooks: int, trim_end_of_audio: bool = True) -> torch.Tensor:
+    """Validate a [B, K, T] (or [K, T]) code tensor; drop trailing end-of-audio frames.
+
+    A frame whose first code is the end-of-audio code ends the segment: it and everything after
+    it are trimmed (when trim_end_of_audio). Any other out-of-range code is an error.
+    """
+    if not isinstance(codes, torch.Tensor):
+        codes = torch.as_tensor(codes)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise InputError(f"audio codes must be integers, got {codes.dtype}")
+    if codes.dim() == 2:
+        codes = codes.unsqueeze(0)
+    if codes.dim() != 3:
+        raise InputError(f"audio codes must be [batch, codebooks, frames], got shape {tuple(codes.shape)}")
+    if codes.shape[1] != num_codebooks:
+        raise InputError(f"expected {num_codebooks} codebooks, got {codes.shape[1]}")
+    codes = codes.long()
+    if trim_end_of_audio and codes.shape[2] > 0:
+        eoa = (codes[:, 0, :] == END_OF_AUDIO).any(dim=0)
+        if eoa.any():
+            codes = codes[:, :, : int(eoa.nonzero()[0])]
+    if codes.numel() and (codes.min() < 0 or codes.max() >= AUDIO_CODES):
+        bad = codes[(codes < 0) | (codes >= AUDIO_CODES)][0].item()
+        raise InputError(f"audio codes must be in [0, {AUDIO_CODES - 1}], found {bad}")
+    return codes
+
+
+def load_codec(path: str | Path, device="cpu"):
+    """The codec a checkpoint directory ships: the LFM2.5 detokenizer if present, else Mimi,
+    else the demo model's mel codec."""
+    path = Path(path)
+    if (path / DETOKENIZER_DIR / "model.safetensors").exists():
+        from .detokenizer import Detokenizer
+
+        return Detokenizer.from_pretrained(path / DETOKENIZER_DIR, device=device)
+    if (path / MIMI_FILE).exists():
+        from .mimi import Mimi
+
+        return Mimi.from_pretrained(path / MIMI_FILE, device=device)
+    if (path / "codec" / "config.json").exists():
+        from .melcodec import MelCodec
+
+        return MelCodec.from_pretrained(path / "codec", device=device)
+    raise InputError(
+        f"{path} holds no audio codec ({DETOKENIZER_DIR}/, {MIMI_FILE} or codec/): "
+        "audio output can only be saved as codes"
+    )

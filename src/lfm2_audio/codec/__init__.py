@@ -9,9 +9,10 @@ which one a checkpoint ships:
     codec.can_encode       whether encode() works
     codec.decode(codes)    [B, K, T] int64 in [0, 2047] -> [B, T * frame_samples] float32
     codec.encode(wave)     [B, N] float32 at sample_rate -> [B, K, ceil(N / frame_samples)]
-    codec.stream(batch)    a decoder that takes frames a few at a time and returns their audio,
-                           equal to decode() of the concatenation:
-                               s = codec.stream(1); s.decode(codes[:, :, t:t+1]) -> [1, 1920]
+    codec.stream(batch)    a decoder that takes frames a few at a time and returns the audio that
+                           is final so far; flush() returns what it held back for look-ahead. The
+                           pieces joined equal decode() of the concatenation:
+                               s = codec.stream(1); s.decode(codes[:, :, t:t+1]); ...; s.flush()
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ class Conversation:
         self.role = None
 
     def turn(self, role: str, *contents, sample_rate: int | None = None) -> None:
-        """A whole turn: strings become text, anything else audio."""
+        """A whole turn: strings are text; anything else (a Path, bytes, file, array) is audio."""
         self.new_turn(role)
         for c in contents:
             if isinstance(c, str):
@@ -137,6 +137,7 @@ class Conversation:
 
     # ---- running the backbone ---------------------------------------------------------------
 
+    @torch.inference_mode()
     def pending_embeddings(self) -> torch.Tensor:
         """Embeddings [n, D] of everything queued, in order; clears the queue."""
         m = self.model
@@ -154,12 +155,14 @@ class Conversation:
         self.pending = []
         return torch.cat(parts) if parts else torch.zeros(0, m.cfg.lfm.hidden_size, dtype=m.dtype, device=m.device)
 
+    @torch.inference_mode()
     def run(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Feed [n, D] new positions through the backbone; returns their hidden states [n, D]."""
         n = embeddings.shape[0]
         self._reserve(n)
         return self.model.lfm(embeddings[None], self.cache)[0]
 
+    @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
         """Run everything queued; returns the last hidden state [D]."""
         if not self.pending:

@@ -31,10 +31,11 @@ class Event:
     reason: str | None = None  # end: "end_of_turn" | "max_new_tokens" | "context_limit"
     hidden: torch.Tensor | None = None  # with details=True: the backbone state the step used
     logits: torch.Tensor | None = None  # with details=True: text [V] or depth [K, 2049] logits
+    audio: object = None  # audio: decoded samples of this frame, when a codec decodes the stream
 
     @property
     def is_end_of_audio(self) -> bool:
-        return self.kind == "audio" and bool(self.frame[0] == END_OF_AUDIO)
+        return self.kind == "audio" and self.frame is not None and bool(self.frame[0] == END_OF_AUDIO)
 
 
 def _special_ids(conv: Conversation) -> dict[str, int]:
@@ -70,7 +71,7 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    text_stream = conv.tokenizer.stream() if conv.tokenizer is not None else None
+    text_stream = conv.tokenizer.stream(skip_special_tokens=True) if conv.tokenizer is not None else None
     forced = list(force_tokens)
 
     if conv.role != "assistant":
@@ -108,6 +109,8 @@ def generate(
             else:
                 frame, logits = model.sample_frame(h[None], audio_sampling, generator), None
             frame = frame[0]
+            if frame[0] == END_OF_AUDIO:  # codebook 0 alone decides; the whole frame ends
+                frame = torch.full_like(frame, END_OF_AUDIO)
             last = (MODALITY_AUDIO_OUT, frame)
             if mode == "interleaved" and left == 0 and not text_done:
                 audio, left = False, n_text
@@ -122,7 +125,7 @@ def generate(
         last = None
         h = conv.run(embedding)[-1]
 
-    if last is not None and not (last[0] == 1 and last[1] == ids["im_end"]):
+    if last is not None and reason == "max_new_tokens":
         _record(conv, last, fed=False)  # sampled but never fed: it joins the next prefill
     if text_stream is not None:
         tail = text_stream.flush()

@@ -97,8 +97,7 @@ class LFM2AudioModel(nn.Module):
         """Backbone states [B, D] -> one audio frame [B, K] by K sequential depthformer steps.
 
         Only codebook 0 may end the audio: codebooks 1.. never emit the end-of-audio code (the
-        reference lets them, which makes a frame no codec can decode). A frame whose code 0 is
-        end-of-audio becomes all end-of-audio.
+        reference lets them, which makes a frame no codec can decode).
         """
         K = self.cfg.codebooks
         z = self.depth_inputs(h)  # [B, K, dim]
@@ -117,7 +116,6 @@ class LFM2AudioModel(nn.Module):
             if k + 1 < K:
                 x = z[:, k + 1 : k + 2] + self.depth_embeddings[k].embedding(code)[:, None]
         frame = torch.stack(codes, dim=1)
-        frame = torch.where(frame[:, :1] == END_OF_AUDIO, torch.full_like(frame, END_OF_AUDIO), frame)
         return (frame, torch.stack(all_logits, dim=1)) if return_logits else frame
 
     def depth_logits_teacher_forced(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -258,4 +256,19 @@ def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cp
             state[k] = (torch.ones if k.endswith("embedding_norm.weight") else torch.zeros)(shape, dtype=target_dtype, device=device)
     model.load_state_dict(state, strict=True, assign=True)
     model.codebook_offsets = torch.arange(cfg.codebooks, device=device) * AUDIO_VOCAB
+    return model.eval()
+
+
+@torch.no_grad()
+def random_model(cfg: LFM2AudioConfig, dtype=torch.float32, device="cpu", seed: int = 0) -> LFM2AudioModel:
+    """A model with random weights (norms at one, BatchNorm at identity): for tests, benchmarks
+    and as the starting point of training from scratch."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LFM2AudioModel(cfg).to(dtype)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and ("norm" in name or name.endswith(".bias")):
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            p.normal_(0.0, 0.02)
     return model.eval()

@@ -1,0 +1,39 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfm2_audio.cli import TINY_CONFIG
+from lfm2_audio.config import LFM2AudioConfig
+from lfm2_audio.model.lfm2_audio import random_model
+from lfm2_audio.processor import Tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
+SHARED_FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/reference-tiny"
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> LFM2AudioConfig:
+    data = json.loads(TINY_CONFIG)
+    data.update(overrides)
+    return LFM2AudioConfig.from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_file(ASSETS / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return random_model(tiny_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model.save_pretrained(d)
+    (d / "tokenizer.json").write_bytes((ASSETS / "tokenizer.json").read_bytes())
+    return d

@@ -1,0 +1,24 @@
+"""The command line end to end on a tiny random checkpoint."""
+
+import numpy as np
+import soundfile as sf
+
+from lfm2_audio.cli import main
+
+
+def test_init_random_asr_tts_chat(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    tok = __import__("conftest").ASSETS / "tokenizer.json"
+    assert main(["init-random", str(ckpt), "--tokenizer", str(tok)]) == 0
+    wav = tmp_path / "q.wav"
+    t = np.arange(24000) / 24000
+    sf.write(wav, np.stack([np.sin(2 * np.pi * 200 * t), np.sin(2 * np.pi * 300 * t)], 1) * 0.2, 24000)
+    common = ["--model", str(ckpt), "--max-new-tokens", "8", "--threads", "1"]
+    assert main(["asr", str(wav), *common]) == 0
+    assert main(["tts", "hello there", "-o", str(tmp_path / "s.wav"), "--seed", "1", *common]) == 0
+    assert main(["chat", str(wav), "what else?", "--out-dir", str(tmp_path), *common]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant:") == 2 and "[audio: 2 frames" in out  # 6 text steps, then 2 frames
+    assert main(["asr", str(tmp_path / "missing.wav"), *common]) == 2
+    assert "error" in capsys.readouterr().err
+    assert main(["asr", str(wav), "--model", str(tmp_path / "nope" / "x" / "y")]) == 2

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv at the repository root with the pinned CPU torch and the package (+ test extras).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first and pinned, so nothing pulls a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+# espeak-ng makes real speech for the codec and demo tests; they skip without it.
+if ! command -v espeak-ng >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) >/dev/null 2>&1 \
+    || echo "setup: espeak-ng could not be installed; tests that need it will skip" >&2
+fi

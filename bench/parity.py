@@ -39,7 +39,11 @@ def run_mode(model, ref, mode: str, steps: int, force: tuple[int, ...]):
     flags = ref["in_modality_flag"][0]
     text, frames = iter(ref["in_text"][0].tolist()), iter(torch.from_numpy(ref["in_audio_out"]).T)
     features = torch.from_numpy(ref["in_audio_in"])
-    clip_start = 0
+    clips, start = [], 0
+    for n in ref["in_audio_in_lens"].reshape(-1).tolist():
+        clips.append(features[:, start : start + n])
+        start += n
+    clips = iter(clips)
     i = 0
     while i < len(flags):  # re-create the prompt piece by piece from the modality flags
         j = i
@@ -48,9 +52,11 @@ def run_mode(model, ref, mode: str, steps: int, force: tuple[int, ...]):
         if flags[i] == 1:
             conv.add_tokens([next(text) for _ in range(j - i)])
         elif flags[i] == 2:
-            for n in ref["in_audio_in_lens"].tolist():
-                conv.add_features(features[:, clip_start : clip_start + n])
-                clip_start += n
+            covered = 0  # adjacent clips share one run of audio-in flags
+            while covered < j - i:
+                clip = next(clips)
+                conv.add_features(clip)
+                covered += model.audio_positions(clip.shape[-1])
         else:
             conv.add_audio_frames(torch.stack([next(frames) for _ in range(j - i)]))
         i = j
@@ -82,8 +88,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         mel, _ = log_mel(torch.from_numpy(ref["in_waveform"]), model.cfg.preprocessor)
         rows.append(("in_audio_in (mel from in_waveform)", rel_err(mel.numpy(), ref["in_audio_in"]), None))
-        conv = Conversation(model, tokenizer=None)
-        audio_in = model.encode_audio([torch.from_numpy(ref["in_audio_in"])])
+        lens = ref["in_audio_in_lens"].reshape(-1).tolist()
+        audio_in = model.encode_audio(list(torch.from_numpy(ref["in_audio_in"]).split(lens, dim=1)))
         emb = model.embed_inputs(torch.from_numpy(ref["in_text"][0]), audio_in,
                                  torch.from_numpy(ref["in_audio_out"]).T, torch.from_numpy(ref["in_modality_flag"][0]))
         rows.append(("prefill_emb", rel_err(emb.numpy(), ref["prefill_emb"]), None))
@@ -95,7 +101,6 @@ def main(argv=None) -> int:
         frame, depth = model.sample_frame(hidden[-1:], return_logits=True)
         rows.append(("first_depth_logits", rel_err(depth[0].numpy(), ref["first_depth_logits"]),
                      bool((frame[0].numpy() == ref["first_audio_frame"]).all())))
-        del conv
 
         for prefix, mode, force in (("inter", "interleaved", ()), ("seque", "sequential", (OFFICIAL_IDS["audio_start"],))):
             if f"{prefix}_tokens" not in ref:

@@ -132,10 +132,16 @@ class LFM2AudioModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu") -> "LFM2AudioModel":
+                        device: str | torch.device = "cpu", quantize: str | None = None) -> "LFM2AudioModel":
+        """quantize="int8": weight-only int8 decode matmuls (model/quantize.py), for bf16."""
         directory = resolve_checkpoint(path_or_id)
         cfg = LFM2AudioConfig.from_json(directory / "config.json")
-        return load_weights(cfg, weight_files(directory), dtype=dtype, device=device)
+        model = load_weights(cfg, weight_files(directory), dtype=dtype, device=device)
+        if quantize is not None:
+            from .quantize import quantize_model
+
+            quantize_model(model, quantize)
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
         from safetensors.torch import save_file
@@ -198,20 +204,57 @@ def weight_files(directory: Path) -> list[Path]:
     return [single]
 
 
-def _file_shapes(files: list[Path]) -> dict[str, tuple[tuple, Path]]:
-    from safetensors import safe_open
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                     "U8": torch.uint8, "BOOL": torch.bool}
 
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file and the offset where tensor data starts."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not a readable safetensors file: {e}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _file_shapes(files: list[Path]) -> dict[str, tuple[tuple, Path]]:
     shapes = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                shapes[key] = (tuple(sf.get_slice(key).get_shape()), f)
+        header, _ = safetensors_header(f)
+        for key, info in header.items():
+            shapes[key] = (tuple(info["shape"]), f)
     return shapes
 
 
-def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cpu") -> LFM2AudioModel:
-    from safetensors import safe_open
+def read_tensors(path: Path, keys: list[str], dtype=None, device="cpu"):
+    """Yield (key, tensor) reading one tensor at a time with plain reads (no mmap), converting
+    floating tensors to `dtype`: peak memory is the model plus its largest tensor."""
+    header, start = safetensors_header(path)
+    with open(path, "rb") as f:
+        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):
+            info = header[key]
+            begin, end = info["data_offsets"]
+            src = SAFETENSORS_DTYPES.get(info["dtype"])
+            if src is None:
+                raise InputError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+            buf = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise InputError(f"{path} is truncated (tensor {key})")
+            t = torch.frombuffer(buf, dtype=src) if buf else torch.empty(0, dtype=src)
+            t = t.reshape(info["shape"])
+            if t.is_floating_point() and dtype is not None:
+                t = t.to(dtype)
+            yield key, t.to(device)
 
+
+def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cpu") -> LFM2AudioModel:
     dtype, device = parse_dtype(dtype), parse_device(device)
     in_file = _file_shapes(files)
     # A file with its own depth heads wins over a config that says they are tied (the LFM2 v1
@@ -243,12 +286,7 @@ def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cp
         if k in in_file:
             by_file.setdefault(in_file[k][1], []).append(k)
     for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for k in keys:
-                t = sf.get_tensor(k)
-                if t.is_floating_point():
-                    t = t.to(dtype or t.dtype)
-                state[k] = t.to(device)
+        state.update(read_tensors(f, keys, dtype, device))
     target_dtype = dtype or next(iter(t for t in state.values() if t.is_floating_point())).dtype
     for k in expected:
         if k not in state:  # dead output head of the audio embedding, absent from the file

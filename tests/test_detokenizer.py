@@ -161,13 +161,13 @@ def test_load_roundtrip(model, tmp_path):
 
 
 def test_load_is_strict(model, tmp_path):
-    with pytest.raises(InputError, match=r"missing lfm\.layers\.1\.self_attn\.k_proj\.weight"):
+    with pytest.raises(InputError, match=r"missing tensors: lfm\.layers\.1\.self_attn\.k_proj\.weight"):
         Detokenizer.from_pretrained(save_checkpoint(tmp_path / "a", model, drop="lfm.layers.1.self_attn.k_proj.weight"))
-    with pytest.raises(InputError, match=r"missing lfm\.embed_tokens\.weight"):
+    with pytest.raises(InputError, match=r"missing tensors: lfm\.embed_tokens\.weight"):
         Detokenizer.from_pretrained(save_checkpoint(tmp_path / "b", model, drop="lfm.embed_tokens.weight"))
-    with pytest.raises(InputError, match=r"unexpected lfm\.rotary_emb\.inv_freq"):
+    with pytest.raises(InputError, match=r"unexpected tensors: lfm\.rotary_emb\.inv_freq"):
         Detokenizer.from_pretrained(save_checkpoint(tmp_path / "c", model, add="lfm.rotary_emb.inv_freq"))
-    with pytest.raises(InputError, match=r"misshapen lin\.bias \(7, 7\)"):
+    with pytest.raises(InputError, match=r"misshapen tensors: lin\.bias: file \(7, 7\)"):
         Detokenizer.from_pretrained(save_checkpoint(tmp_path / "d", model, reshape="lin.bias"))
     with pytest.raises(InputError, match="misshapen"):  # config and weights disagree
         Detokenizer.from_pretrained(save_checkpoint(tmp_path / "e", model, cfg={**SMALL, "hidden_size": 32}))

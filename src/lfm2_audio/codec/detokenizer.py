@@ -21,7 +21,6 @@ layer (a ring), the last 2 gated inputs per conv layer and 960 samples of overla
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from torch import nn
 
 from ..config import AUDIO_CODES, Lfm2Config
 from ..errors import InputError
+from ..weights import load_state, read_json
 from ..model.lfm2 import Lfm2Model, apply_rope_half, rope_cos_sin, rope_inv_freq
 from . import check_codes
 
@@ -129,19 +129,9 @@ class Detokenizer(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu") -> "Detokenizer":
         """Load `path/config.json` (HF Lfm2Config) and `path/model.safetensors`, strictly."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         try:
-            data = json.loads((path / "config.json").read_text())
-        except FileNotFoundError:
-            raise InputError(f"no config.json in {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path / 'config.json'} must hold a JSON object")
-        try:
-            cfg = Lfm2Config.from_dict(data)
+            cfg = Lfm2Config.from_dict(read_json(path / "config.json"))
         except TypeError as e:
             raise InputError(f"{path / 'config.json'}: {e}") from None
         # Build without allocating (the dead 65536-row table alone is 134 MB), then take the
@@ -151,28 +141,8 @@ class Detokenizer(nn.Module):
         file = path / "model.safetensors"
         if not file.exists():
             raise InputError(f"no model.safetensors in {path}")
-        try:
-            state = load_file(str(file))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise InputError(f"{file} is not a readable safetensors file: {e}") from None
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        misshapen = [
-            f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-            for k in expected
-            if k in state and state[k].shape != expected[k].shape
-        ]
-        if missing or unexpected or misshapen:
-            problems = []
-            if missing:
-                problems.append("missing " + ", ".join(missing))
-            if unexpected:
-                problems.append("unexpected " + ", ".join(unexpected))
-            if misshapen:
-                problems.append("misshapen " + ", ".join(misshapen))
-            raise InputError(f"{file} does not fit the detokenizer config: " + "; ".join(problems))
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+        state = load_state(file, model, f"{file} does not fit the detokenizer config", dtype=torch.float32)
+        model.load_state_dict(state, strict=True, assign=True)
         return model.to(device).eval()
 
     @property

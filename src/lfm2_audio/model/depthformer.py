@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lfm2 import FeedForward
 from ..config import DEPTH_HEADS, DEPTH_KV_HEADS, DEPTH_NORM_EPS, DEPTH_ROPE_THETA, DepthformerConfig
 
 
@@ -74,24 +75,13 @@ class DepthAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
-class DepthFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class DepthBlock(nn.Module):
     def __init__(self, cfg: DepthformerConfig):
         super().__init__()
         self.operator_norm = RMSNorm(cfg.dim)
         self.operator = DepthAttention(cfg.dim)
         self.ffn_norm = RMSNorm(cfg.dim)
-        self.feed_forward = DepthFeedForward(cfg.dim, cfg.ffn_dim)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, start=0, cache=None):
         x = x + self.operator(self.operator_norm(x), start, cache)

@@ -213,4 +213,5 @@ class Lfm2Model(nn.Module):
         return self.embedding_norm(x)
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.embed_tokens.weight.T
+        head = getattr(self, "text_head", None)  # an int8 copy of the table (model/quantize.py)
+        return head(h) if head is not None else h @ self.embed_tokens.weight.T

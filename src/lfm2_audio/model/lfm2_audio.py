@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import AUDIO_VOCAB, END_OF_AUDIO, LFM2AudioConfig
 from ..errors import InputError
+from ..weights import check_tensors, read_tensors, tensor_shapes
 from ..generation.sampling import GREEDY, Sampling, sample
 from .conformer import ConformerEncoder, subsampled_length
 from .depthformer import Depthformer, SharedEmbedding
@@ -204,54 +205,8 @@ def weight_files(directory: Path) -> list[Path]:
     return [single]
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                     "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a .safetensors file and the offset where tensor data starts."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable safetensors file: {e}") from None
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
 def _file_shapes(files: list[Path]) -> dict[str, tuple[tuple, Path]]:
-    shapes = {}
-    for f in files:
-        header, _ = safetensors_header(f)
-        for key, info in header.items():
-            shapes[key] = (tuple(info["shape"]), f)
-    return shapes
-
-
-def read_tensors(path: Path, keys: list[str], dtype=None, device="cpu"):
-    """Yield (key, tensor) reading one tensor at a time with plain reads (no mmap), converting
-    floating tensors to `dtype`: peak memory is the model plus its largest tensor."""
-    header, start = safetensors_header(path)
-    with open(path, "rb") as f:
-        for key in sorted(keys, key=lambda k: header[k]["data_offsets"][0]):
-            info = header[key]
-            begin, end = info["data_offsets"]
-            src = SAFETENSORS_DTYPES.get(info["dtype"])
-            if src is None:
-                raise InputError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-            buf = bytearray(end - begin)
-            f.seek(start + begin)
-            if f.readinto(buf) != len(buf):
-                raise InputError(f"{path} is truncated (tensor {key})")
-            t = torch.frombuffer(buf, dtype=src) if buf else torch.empty(0, dtype=src)
-            t = t.reshape(info["shape"])
-            if t.is_floating_point() and dtype is not None:
-                t = t.to(dtype)
-            yield key, t.to(device)
+    return {k: (shape, f) for f in files for k, shape in tensor_shapes(f).items()}
 
 
 def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cpu") -> LFM2AudioModel:
@@ -266,19 +221,8 @@ def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cp
     with torch.device("meta"):
         model = LFM2AudioModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in in_file and not k.startswith(OPTIONAL_PREFIXES)]
-    unexpected = [k for k in in_file if k not in expected and k not in DERIVED_KEYS]
-    misshapen = [f"{k}: file {in_file[k][0]} vs model {expected[k]}" for k in expected
-                 if k in in_file and in_file[k][0] != expected[k]]
-    problems = []
-    if missing:
-        problems.append("missing tensors: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append("unexpected tensors: " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
-    if misshapen:
-        problems.append("misshapen tensors: " + "; ".join(misshapen[:20]))
-    if problems:
-        raise InputError("checkpoint does not match config.json: " + " | ".join(problems))
+    found = {k: shape for k, (shape, _) in in_file.items()}
+    check_tensors(expected, found, "checkpoint does not match config.json", optional=OPTIONAL_PREFIXES, ignored=DERIVED_KEYS)
 
     state = {}
     by_file: dict[Path, list[str]] = {}

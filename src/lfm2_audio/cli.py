@@ -159,6 +159,37 @@ def cmd_train(args) -> int:
     return train_main([args.config, *args.rest])
 
 
+def cmd_eval(args) -> int:
+    from .evaluation import run
+
+    return run(args)
+
+
+def cmd_serve(args) -> int:
+    from .serving.server import serve
+
+    return serve(args)
+
+
+def cmd_demo(args) -> int:
+    from .serving.gradio_app import main as demo_main
+
+    return demo_main(args)
+
+
+def _serve_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled demo model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=port, help="0 picks a free port")
+    p.add_argument("--max-sessions", type=int, default=16, help="concurrent conversations (cache rows)")
+    p.add_argument("--max-context", type=int, default=4096, help="positions per conversation")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="default reply length (tokens + frames)")
+    p.add_argument("--fast", action="store_true", help="use the fast decode path (generation/fast.py) when present")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lfm2-audio", description="LFM2-Audio: audio and text in, audio and text out.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -185,10 +216,31 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p, 1.0, 4)
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="serve the model: OpenAI-style HTTP API, realtime WebSocket, web page")
+    _serve_args(p, 8000)
+    p.add_argument("--queue-timeout", type=float, default=10.0, help="seconds a request may wait for a free session")
+    p.add_argument("--max-upload-mb", type=float, default=25.0)
+    p.add_argument("--vad", default="auto", choices=["auto", "silero", "energy"], help="voice activity detector")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds replies may take to finish on shutdown")
+    p.add_argument("--model-name", default="lfm2-audio", help="model id reported by the API")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="a Gradio app on the serving engine (needs the 'demo' extra)")
+    _serve_args(p, 7860)
+    p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("train", help="train or fine-tune from a config file")
     p.add_argument("config")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_train)
+
+    from .evaluation import add_arguments as eval_arguments  # argparse only; the work is imported later
+
+    p = sub.add_parser("eval", help="score a model on the held-out synthetic ASR/TTS/speech-to-speech sets")
+    eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("init-random", help="write a checkpoint with random weights (tests, benchmarks)")
     p.add_argument("out")

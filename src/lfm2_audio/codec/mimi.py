@@ -622,8 +622,8 @@ class Mimi(nn.Module):
         return model.eval()
 
 
-class MimiDecodeStream:
-    """Streaming decoder: decode(codes [B, K, t]) -> [B, 1920·t]; outputs concatenate to decode()."""
+class _Stream:
+    """Carried state of one streaming encode or decode, for a fixed batch size."""
 
     def __init__(self, mimi: Mimi, batch_size: int = 1):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -633,32 +633,34 @@ class MimiDecodeStream:
 
     def reset(self) -> None:
         self.state: State = {}
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        if x.shape[0] != self.batch_size:
+            raise InputError(f"this stream was opened for batch {self.batch_size}, got {x.shape[0]}")
+
+
+class MimiDecodeStream(_Stream):
+    """Streaming decoder: decode(codes [B, K, t]) -> [B, 1920·t]; outputs concatenate to decode()."""
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         codes = self.mimi._check_codes(codes)
-        if codes.shape[0] != self.batch_size:
-            raise InputError(f"this stream was opened for batch {self.batch_size}, got {codes.shape[0]}")
+        self._check_batch(codes)
         return self.mimi._decode(codes, self.state)
 
-
-class MimiEncodeStream:
-    """Streaming encoder: encode(wave [B, n·1920]) -> codes [B, K, n]; outputs concatenate to encode()."""
-
-    def __init__(self, mimi: Mimi, batch_size: int = 1):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.mimi, self.batch_size = mimi, batch_size
+    def flush(self) -> torch.Tensor:
+        """Mimi holds nothing back (every frame's audio is final at once); starts afresh."""
         self.reset()
+        return torch.zeros(self.batch_size, 0, device=self.mimi.device)
 
-    def reset(self) -> None:
-        self.state: State = {}
+
+class MimiEncodeStream(_Stream):
+    """Streaming encoder: encode(wave [B, n·1920]) -> codes [B, K, n]; outputs concatenate to encode()."""
 
     @torch.no_grad()
     def encode(self, wave: torch.Tensor) -> torch.Tensor:
         wave = self.mimi._check_wave(wave)
-        if wave.shape[0] != self.batch_size:
-            raise InputError(f"this stream was opened for batch {self.batch_size}, got {wave.shape[0]}")
+        self._check_batch(wave)
         if wave.shape[-1] % self.mimi.frame_samples:
             raise InputError(
                 f"streaming encode takes whole frames: {wave.shape[-1]} samples is not a multiple of "

@@ -79,6 +79,10 @@ class LFM2AudioModel(nn.Module):
                      modality: torch.Tensor) -> torch.Tensor:
         """Scatter text embeddings, encoded audio-in vectors [N_in, D] and audio-out frames
         [N_out, K] into one [L, D] sequence following the modality flags (1/2/3)."""
+        counts = [int((modality == m).sum()) for m in (1, 2, 3)]
+        if sum(counts) != modality.numel() or counts != [text.numel(), audio_in.shape[0], audio_out.shape[0]]:
+            raise InputError(f"modality flags (text/audio-in/audio-out counts {counts}) do not match the inputs "
+                             f"({text.numel()}, {audio_in.shape[0]}, {audio_out.shape[0]}), or hold values other than 1-3")
         out = torch.empty(modality.shape[0], self.cfg.lfm.hidden_size, dtype=self.dtype, device=self.device)
         out[modality == 1] = self.lfm.embed_tokens(text)
         out[modality == 2] = audio_in.to(self.dtype)

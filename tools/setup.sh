@@ -9,8 +9,12 @@ fi
 # torch first and pinned, so nothing pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
-# espeak-ng makes real speech for the codec and demo tests; they skip without it.
-if ! command -v espeak-ng >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng) >/dev/null 2>&1 \
-    || echo "setup: espeak-ng could not be installed; tests that need it will skip" >&2
+# espeak-ng makes real speech for the codec and demo tests, chromium drives the web page's
+# end-to-end test; tests that need them skip without them.
+missing=()
+command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if ((${#missing[@]})) && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}") >/dev/null 2>&1 \
+    || echo "setup: could not install ${missing[*]}; tests that need them will skip" >&2
 fi

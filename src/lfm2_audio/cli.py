@@ -153,18 +153,6 @@ TINY_CONFIG = """{
 }"""
 
 
-def cmd_train(args) -> int:
-    from .training.trainer import main as train_main
-
-    return train_main([args.config, *args.rest])
-
-
-def cmd_eval(args) -> int:
-    from .evaluation import run
-
-    return run(args)
-
-
 def cmd_serve(args) -> int:
     from .serving.server import serve
 
@@ -228,19 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a Gradio app on the serving engine (needs the 'demo' extra)")
     _serve_args(p, 7860)
-    p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train or fine-tune from a config file")
-    p.add_argument("config")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_train)
+    sub.add_parser("train", help="train or fine-tune: lfm2-audio train CONFIG [key=value ...]")
 
-    from .evaluation import add_arguments as eval_arguments  # argparse only; the work is imported later
-
-    p = sub.add_parser("eval", help="score a model on the held-out synthetic ASR/TTS/speech-to-speech sets")
-    eval_arguments(p)
-    p.set_defaults(func=cmd_eval)
+    sub.add_parser("precompute", help="map conversations (JSONL) to training samples: lfm2-audio precompute --help")
+    sub.add_parser("eval", help="score a model on the held-out synthetic sets: lfm2-audio eval --help")
 
     p = sub.add_parser("init-random", help="write a checkpoint with random weights (tests, benchmarks)")
     p.add_argument("out")
@@ -253,7 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# Subcommands whose own parsers take the rest of the command line as it is.
+PASSTHROUGH = {"train": "lfm2_audio.training.trainer", "precompute": "lfm2_audio.training.data",
+               "eval": "lfm2_audio.evaluation"}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        import importlib
+
+        try:
+            return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+        except InputError as e:
+            print(f"lfm2-audio: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -93,7 +93,9 @@ def generate(
                     yield Event("text", token=tok, text="", hidden=h if details else None,
                                 logits=logits if details else None)
                 break
-            piece = text_stream.put(tok) if text_stream is not None else ""
+            # Checkpoints pad their embedding past the tokenizer: such ids carry no text.
+            known = text_stream is not None and tok < conv.tokenizer.vocab_size
+            piece = text_stream.put(tok) if known else ""
             yield Event("text", token=tok, text=piece, hidden=h if details else None, logits=logits if details else None)
             if mode == "sequential":
                 audio = tok == ids["audio_start"]

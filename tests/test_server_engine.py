@@ -1,0 +1,212 @@
+"""The serving engine against generate(): same events alone, same events when batched with
+others, cancellation, admission control and bad input. Tiny random model, CPU."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lfm2_audio.generation.chat import SYSTEM_PROMPTS, Conversation
+from lfm2_audio.generation.generate import generate
+from lfm2_audio.generation.sampling import Sampling
+from lfm2_audio.serving.engine import Engine, EngineFull, Features
+from lfm2_audio.serving.reply import ReplyParams
+
+
+def tone(seconds=1.0, rate=16000, freq=220.0):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * math.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Decode steps of a tiny model are a few microseconds of math each: one thread is fastest,
+    # and on a busy machine several threads spin and stall each other for tens of ms.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def engine(tiny_model, tokenizer):
+    e = Engine(tiny_model, tokenizer, max_sessions=6, max_context=1024).start()
+    yield e
+    e.stop()
+
+
+class Collector:
+    """A sink that gathers events and lets the test wait for the end."""
+
+    def __init__(self):
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.kind == "end":
+            self.done.set()
+
+    def wait(self, timeout=60.0):
+        assert self.done.wait(timeout), "no end event"
+        return self.events
+
+
+def summary(events):
+    """Comparable form: (kind, token or frame codes, text, reason)."""
+    out = []
+    for e in events:
+        if e.kind == "text":
+            out.append(("text", e.token, e.text))
+        elif e.kind == "audio":
+            out.append(("audio", tuple(e.frame.tolist())))
+        else:
+            out.append((e.kind, e.reason))
+    return out
+
+
+def features(model, seconds, freq):
+    from lfm2_audio.audio.features import log_mel
+
+    feats, _ = log_mel(torch.from_numpy(tone(seconds, freq=freq)), model.cfg.preprocessor)
+    return feats
+
+
+def reference(model, tok, turns, params: ReplyParams):
+    """generate() on a plain Conversation: the events of each reply, in order."""
+    conv = Conversation(model, tok, system=SYSTEM_PROMPTS["chat"], max_context=1024)
+    replies = []
+    for feats in turns:
+        conv.new_turn("user")
+        conv.add_features(feats)
+        conv.end_turn()
+        replies.append(list(generate(conv, params.mode, params.text_sampling, params.audio_sampling,
+                                     params.max_new_tokens, params.seed, params.force_tokens)))
+    return conv, replies
+
+
+def run_engine(engine, turns, params):
+    s = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024)
+    replies = []
+    for feats in turns:
+        c = Collector()
+        s.submit([("user", [Features(feats)])], params, c)
+        replies.append(c.wait())
+    return s, replies
+
+
+@pytest.mark.parametrize("mode", ["interleaved", "sequential"])
+def test_alone_equals_generate(engine, tiny_model, tokenizer, mode):
+    turns = [features(tiny_model, 0.8, 220), features(tiny_model, 0.5, 330)]
+    params = ReplyParams(mode=mode, max_new_tokens=30, force_tokens=(tokenizer.audio_start_id,) if mode == "sequential" else ())
+    conv, want = reference(tiny_model, tokenizer, turns, params)
+    session, got = run_engine(engine, turns, params)
+    for w, g in zip(want, got):
+        assert summary(g) == summary(w)
+    assert any(e.kind == "audio" for e in got[0])
+    time.sleep(0.05)
+    assert session.conv.record.text == conv.record.text
+    assert session.conv.record.modality == conv.record.modality
+    session.close()
+
+
+def test_seeded_sampling_alone_equals_generate(engine, tiny_model, tokenizer):
+    turns = [features(tiny_model, 0.6, 250)]
+    params = ReplyParams(text_sampling=Sampling(0.9, top_k=20), audio_sampling=Sampling(1.0, top_k=4),
+                         max_new_tokens=30, seed=123)
+    _, want = reference(tiny_model, tokenizer, turns, params)
+    session, got = run_engine(engine, turns, params)
+    assert summary(got[0]) == summary(want[0])
+    session.close()
+
+
+def test_concurrent_sessions_equal_alone(engine, tiny_model, tokenizer):
+    """Four sessions started together are batched; each says what it says alone."""
+    params = ReplyParams(max_new_tokens=40)
+    clips = [features(tiny_model, 0.4 + 0.15 * i, 200 + 60 * i) for i in range(4)]
+    want = [summary(reference(tiny_model, tokenizer, [c], params)[1][0]) for c in clips]
+    steps_before = engine.stats.steps
+    rows_before = engine.stats.step_rows
+    sessions = [engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024) for _ in clips]
+    collectors = [Collector() for _ in clips]
+    for s, c, clip in zip(sessions, collectors, clips):
+        s.submit([("user", [Features(clip)])], params, c)
+    got = [summary(c.wait()) for c in collectors]
+    assert got == want
+    steps = engine.stats.steps - steps_before
+    rows = engine.stats.step_rows - rows_before
+    assert rows / steps > 2.0, "the sessions were not batched"
+    for s in sessions:
+        s.close()
+
+
+def test_cancel_stops_within_a_step_and_session_continues(engine, tiny_model, tokenizer):
+    s = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024)
+    c = Collector()
+    got_audio = threading.Event()
+
+    def sink(e):
+        c(e)
+        if e.kind == "audio":
+            got_audio.set()
+
+    req = s.submit([("user", [Features(features(tiny_model, 0.5, 300))])], ReplyParams(max_new_tokens=5000), sink)
+    assert got_audio.wait(30)
+    t0 = time.perf_counter()
+    req.cancel()
+    events = c.wait(5)
+    assert time.perf_counter() - t0 < 0.1
+    assert events[-1].reason == "cancelled"
+    n = len(events)
+    time.sleep(0.1)
+    assert len(c.events) == n  # nothing after the end
+    # The conversation goes on.
+    c2 = Collector()
+    s.submit([("user", ["and then?"])], ReplyParams(max_new_tokens=8), c2)
+    assert c2.wait()[-1].reason == "max_new_tokens"
+    s.close()
+
+
+def test_admission_and_close_frees_the_row(tiny_model, tokenizer):
+    freed = threading.Event()
+    with Engine(tiny_model, tokenizer, max_sessions=2, max_context=256, on_slot_freed=freed.set) as e:
+        a = e.open_session(system="x")
+        b = e.open_session(system="y")
+        with pytest.raises(EngineFull):
+            e.open_session()
+        c = Collector()
+        a.submit([("user", ["hello"])], ReplyParams(max_new_tokens=10_000), c)
+        time.sleep(0.2)
+        a.close()  # mid-reply: freed at once
+        assert c.wait(2)[-1].reason == "cancelled"
+        assert freed.wait(2)
+        d = e.open_session(system="z")
+        c2 = Collector()
+        d.submit([("user", ["hi"])], ReplyParams(max_new_tokens=5), c2)
+        assert c2.wait()[-1].reason == "max_new_tokens"
+        b.close()
+        d.close()
+
+
+def test_context_limit_and_bad_input_are_errors_for_that_session_only(engine, tiny_model, tokenizer):
+    small = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=40)
+    other = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024)
+    c_small, c_other = Collector(), Collector()
+    other.submit([("user", ["hello"])], ReplyParams(max_new_tokens=60), c_other)
+    small.submit([("user", ["word " * 100])], ReplyParams(max_new_tokens=10), c_small)
+    ev = c_small.wait()
+    assert ev[0].kind == "error" and "context" in ev[0].reason
+    assert ev[-1].reason == "error"
+    # A reply that reaches the limit ends with reason context_limit.
+    tight = engine.open_session(system=None, max_context=24)
+    c_tight = Collector()
+    tight.submit([("user", ["hi"])], ReplyParams(max_new_tokens=100), c_tight)
+    assert c_tight.wait()[-1].reason == "context_limit"
+    assert c_other.wait()[-1].reason == "max_new_tokens"
+    assert sum(e.kind == "text" or e.kind == "audio" for e in c_other.events) == 60
+    for s in (small, other, tight):
+        s.close()

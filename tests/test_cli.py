@@ -22,3 +22,17 @@ def test_init_random_asr_tts_chat(tmp_path, capsys):
     assert main(["asr", str(tmp_path / "missing.wav"), *common]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["asr", str(wav), "--model", str(tmp_path / "nope" / "x" / "y")]) == 2
+
+
+def test_tts_and_chat_write_wav_through_the_codec(tmp_path, capsys):
+    from lfm2_audio.serving.testing import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", __import__("conftest").ASSETS / "tokenizer.json")
+    common = ["--model", str(ckpt), "--threads", "1", "--seed", "0"]
+    assert main(["tts", "hello there", "-o", str(tmp_path / "s.wav"), "--max-new-tokens", "7", *common]) == 0
+    wave, rate = sf.read(tmp_path / "s.wav")
+    assert rate == 24000 and len(wave) == 6 * 1920  # <|audio_start|>, then 6 frames of 80 ms
+    assert main(["chat", "hi", "--out-dir", str(tmp_path), "--max-new-tokens", "10", *common]) == 0
+    wave, rate = sf.read(tmp_path / "reply_1.wav")
+    assert rate == 24000 and len(wave) == 4 * 1920  # 6 text steps, then 4 frames
+    assert "[audio: " in capsys.readouterr().out

@@ -139,8 +139,11 @@ class LFM2Audio:
         if not isinstance(text, str) or not text.strip():
             raise InputError("text to speak must be a non-empty string")
         conv = self.chat(system=SYSTEM_PROMPTS[f"tts-{voice}"])
+        # Speech is the whole answer: start it at once rather than hoping the model opens with
+        # <|audio_start|> (it does when trained; forcing it costs nothing and never fails).
         return self.complete(conv, text, mode="sequential", audio_sampling=audio_sampling,
-                             max_new_tokens=max_new_tokens, seed=seed)
+                             max_new_tokens=max_new_tokens, seed=seed,
+                             force_tokens=(self.tokenizer.audio_start_id,))
 
 
 def set_threads(n: int | None) -> None:

@@ -9,11 +9,12 @@ fi
 # torch first and pinned, so nothing pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
-# espeak-ng makes real speech for the codec and demo tests, chromium drives the web page's
+# espeak-ng and wordnet-base make real speech for the codec and data tests, chromium drives the web page's
 # end-to-end test; tests that need them skip without them.
 missing=()
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[[ -d /usr/share/wordnet ]] || missing+=(wordnet-base)
 if ((${#missing[@]})) && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}") >/dev/null 2>&1 \
     || echo "setup: could not install ${missing[*]}; tests that need them will skip" >&2

@@ -1,17 +1,21 @@
-"""Weight-only int8 for the decode-time matmuls (backbone, depthformer, depth_linear, text head).
+"""Int8 weights for the decode-time matmuls (backbone, depthformer, depth_linear, text head).
 
 Decoding one token reads every weight once for a single activation row, so its speed is the
 weight bytes over memory bandwidth: int8 halves the bytes of bf16. Weights are stored as int8
-with one symmetric scale per output channel (row); activations stay in the model's dtype, so
-no activation statistics are needed and the error is the weight rounding alone.
+with one symmetric scale per output channel (row). Two ways to multiply (`quantize=`):
 
-Kernels (CPU, torch 2.13, measured on the 2-core dev box; see bench/generate.py):
-  * one to a few rows: `aten._weight_int8pack_mm` (int8 weight x bf16 activation, per-row bf16
-    scales) reads the int8 bytes directly, about 2x a bf16 GEMV;
-  * many rows (prefill): dequantize to the activation dtype and run the dense GEMM, which is
-    compute-bound anyway and far faster there than the int8 GEMV kernel;
-  * fp32 activations: the int8 kernel has no fast fp32 path, so dequantize (correct, slow);
-    int8 is meant for bf16 models.
+  "int8"      weight-only: activations stay in the model's dtype, the only error is the weight
+              rounding. Kernels (CPU, torch 2.13): for one to a few bf16 rows
+              `aten._weight_int8pack_mm` (int8 weight x bf16 activation, bf16 row scales);
+              for many rows (prefill) convert the int8 values to the activation dtype and
+              run the dense GEMM, which is compute-bound there and ~3x faster than the GEMV
+              kernel; fp32 activations always convert (the int8 kernel's fp32 path is ~20x
+              slower than bf16), so int8 is meant for bf16 models.
+  "int8-dyn"  dynamic activation quantization: each activation row is also rounded to int8
+              (symmetric, its own scale) and `torch._int_mm` multiplies int8 x int8 into
+              int32 with VNNI, about 1.5x the GEMV speed of the weight-only kernel per core.
+              Costs a few small ops per matmul and adds the activation rounding error, which
+              grows with outlier channels: check quality on the real checkpoint.
 
 The conformer and adapter run once per input clip (compute-bound prefill), and the audio and
 depth embedding tables are only gathered from, so they stay as they are. The text head
@@ -24,13 +28,15 @@ A quantized model is for inference: its state dict holds int8 weights and scales
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
 
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "int8-dyn")
 # Above this many activation rows the int8 GEMV kernel loses to dequantize + dense GEMM.
 INT8_GEMV_MAX_ROWS = 4
 
@@ -58,15 +64,64 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) 
     return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
 
 
+QUANT_GEMM_ROWS = 8192  # weight rows converted at a time by the many-rows path
+_local = threading.local()  # one conversion buffer per thread
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+        buf = _local.buffer = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]
+
+
+def use_int8_gemv(x2: torch.Tensor) -> bool:
+    """Whether `aten._weight_int8pack_mm` is the kernel for these activation rows."""
+    return x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and x2.shape[0] <= INT8_GEMV_MAX_ROWS
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ (q * scales[:, None]).T (+ bias) with the fastest kernel for the shape."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if x2.dtype in (torch.bfloat16, torch.float16) and (x2.shape[0] <= INT8_GEMV_MAX_ROWS or x2.device.type == "cuda"):
+    if use_int8_gemv(x2):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scales.to(x2.dtype))
     else:
-        # Dequantize in the activation dtype: exact products of int8 x scale, then a dense GEMM.
-        y = F.linear(x2, q.to(x2.dtype) * scales.to(x2.dtype)[:, None])
+        y = _converted_matmul(x2, q, scales.to(x2.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, q.shape[0])
+
+
+def _converted_matmul(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The dense GEMM on the int8 values (exact in bf16 and fp32), scaled per output column
+    after. Weight rows are converted block by block into one reused buffer: a fresh tensor per
+    matmul costs ~8x the conversion itself in page faults, and blocks bound the buffer."""
+    N, K = q.shape
+    rows = min(N, QUANT_GEMM_ROWS)
+    buf = _scratch(rows * K, x2.dtype, x2.device)
+    if N == rows:
+        w = buf.view(N, K)
+        w.copy_(q)
+        return F.linear(x2, w) * scales
+    y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
+    for i in range(0, N, rows):
+        n = min(rows, N - i)
+        w = buf[: n * K].view(n, K)
+        w.copy_(q[i : i + n])
+        y[:, i : i + n] = F.linear(x2, w)
+    return y * scales
+
+
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales127: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Like int8_linear, but each row of x is rounded to int8 with its own scale first and the
+    product runs int8 x int8 -> int32. scales127: the weight scales in fp32, divided by 127."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    a = x.reshape(-1, K).float()
+    amax = torch.linalg.vector_norm(a, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-12)
+    xq = (a * (127.0 / amax)).round_().to(torch.int8)
+    y = (torch._int_mm(xq, q.t()) * scales127 * amax).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, q.shape[0])
@@ -74,22 +129,26 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
 
 class Int8Linear(nn.Module):
     """Drop-in for nn.Linear with int8 weights; same attribute names (`weight`, `bias`) plus
-    `scales`, so module paths and the fast engine find them where they were."""
+    `scales`, so module paths and the fast engine find them where they were. `dynamic`:
+    quantize activations too (the "int8-dyn" mode)."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, dynamic: bool = False):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dynamic = dynamic
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, dynamic: bool = False) -> "Int8Linear":
         q, s = quantize_int8(lin.weight.detach())
         bias = None if lin.bias is None else lin.bias.detach()
-        return cls(q, s, bias)
+        return cls(q, s, bias, dynamic)
 
     def forward(self, x):
+        if self.dynamic:
+            return int8_dynamic_linear(x, self.weight, self.scales.float() / 127.0, self.bias)
         return int8_linear(x, self.weight, self.scales, self.bias)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
@@ -99,35 +158,40 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
-def _replace_linears(module: nn.Module) -> int:
+def _replace_linears(module: nn.Module, dynamic: bool) -> int:
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_linear(child))
+            setattr(module, name, Int8Linear.from_linear(child, dynamic))
             n += 1
         else:
-            n += _replace_linears(child)
+            n += _replace_linears(child, dynamic)
     return n
 
 
 @torch.no_grad()
-def quantize_model(model, mode: str = "int8", text_head: bool = True):
+def quantize_model(model, mode: str = "int8", backbone: bool = True, depthformer: bool = True,
+                   text_head: bool = True):
     """Quantize an LFM2AudioModel's decode-time linears in place; returns the model.
 
-    Backbone (attention, short-conv and feed-forward projections), depthformer blocks and
-    depth_linear become Int8Linear; with `text_head`, `model.lfm.text_head` holds an int8 copy
-    of the tied embedding for the text logits (the embedding itself stays for input lookups).
+    backbone: the LFM2 layers' projections (attention, short-conv, feed-forward);
+    depthformer: its blocks and depth_linear; text_head: `model.lfm.text_head`, an int8 copy of
+    the tied embedding for the text logits (the embedding itself stays for input lookups).
+    mode: "int8" (weight-only) or "int8-dyn" (activations quantized per row too), see above.
     """
     if mode not in QUANT_MODES:
         raise InputError(f"quantize must be one of {QUANT_MODES}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise InputError(f"model is already quantized ({model.quantized})")
-    for layer in model.lfm.layers:
-        _replace_linears(layer)
-    _replace_linears(model.depthformer)
-    model.depth_linear = Int8Linear.from_linear(model.depth_linear)
+    dynamic = mode == "int8-dyn"
+    if backbone:
+        for layer in model.lfm.layers:
+            _replace_linears(layer, dynamic)
+    if depthformer:
+        _replace_linears(model.depthformer, dynamic)
+        model.depth_linear = Int8Linear.from_linear(model.depth_linear, dynamic)
     if text_head:
         q, s = quantize_int8(model.lfm.embed_tokens.weight.detach())
-        model.lfm.text_head = Int8Linear(q, s, None)
+        model.lfm.text_head = Int8Linear(q, s, None, dynamic)
     model.quantized = mode
     return model

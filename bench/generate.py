@@ -1,0 +1,349 @@
+"""Decode speed of the fast engine against the plain eager path, in one process.
+
+    python bench/generate.py --model random-official --dtype bf16
+    python bench/generate.py --model random-official --dtype bf16 --quantize int8
+    python bench/generate.py --model CHECKPOINT_DIR --dtype fp32 --frames 8
+
+Prints one JSON line. For each path (`plain`: the eager modules; `fast`: FastLFM2Audio):
+  prefill_s   front end + conformer + backbone over a prompt with a 4 s random waveform
+  ttfa_s      interleaved mode, from starting with that prompt to the first audio frame out
+              (prefill + 6 text steps + 1 frame), through the real `generate` loop
+  text_tok_s  text tokens/s (text head + one backbone step each), summed over --batch rows
+  audio_fps   audio frames/s (depthformer frame + one backbone step each), summed over rows
+Plus load_s, peak_rss_gb, the memory bandwidth measured here (read of a 1 GiB tensor), the
+weight bytes one frame reads, the frame rate that bandwidth allows (the floor) and each
+path's ratio to it (frame time / floor time), and fast/plain speed-ups. Every timing is the
+best of --repeats runs (the dev box is shared and noisy). `--model random-official` builds
+an official-size model with random weights in memory (no checkpoint needed).
+
+With --quantize int8 the fast path runs the int8 model and the plain baseline stays the
+unquantized model; the line adds the int8 quality against the unquantized fast path
+(bit-identical to plain) over --quality-steps teacher-forced interleaved steps: the fraction
+of steps whose greedy output (text token, or all 8 codes of a frame) matches, the fraction of
+matching audio codes, and the text-logit cosine (min and mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from lfm2_audio.audio.features import log_mel
+from lfm2_audio.config import AUDIO_VOCAB, END_OF_AUDIO, official_config
+from lfm2_audio.generation.chat import Conversation
+from lfm2_audio.generation.fast import FastLFM2Audio, use_all_cores
+from lfm2_audio.generation.generate import generate
+from lfm2_audio.model.lfm2_audio import LFM2AudioModel, parse_dtype
+from lfm2_audio.model.quantize import quantize_model
+
+
+
+def forced_text(cfg) -> tuple[int, ...]:
+    """n_text ordinary (non-special) token ids: interleaved mode then switches to audio."""
+    base = cfg.lfm.vocab_size // 2
+    return tuple(range(base, base + cfg.interleaved_n_text))
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def random_official(dtype: torch.dtype, seed: int = 0) -> LFM2AudioModel:
+    """Official-size model with N(0, 0.02) weights, built directly in `dtype` (no fp32 init)."""
+    cfg = official_config()
+    with torch.device("meta"):
+        model = LFM2AudioModel(cfg)
+    model = model.to(dtype).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and ("norm" in name or name.endswith(".bias")):
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+    for name, b in model.named_buffers():
+        if name.endswith("running_var"):
+            b.fill_(1.0)
+        elif name.endswith(("running_mean", "num_batches_tracked")):
+            b.zero_()
+    model.codebook_offsets = torch.arange(cfg.codebooks) * AUDIO_VOCAB
+    return model.eval()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def memory_bandwidth_gbs(repeats: int = 5) -> float:
+    """Read bandwidth: sum over a 1 GiB fp32 tensor (far larger than any cache), best run."""
+    a = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
+def frame_bytes(model) -> int:
+    """Weight bytes one audio frame reads in the plain path: the backbone layers once, then
+    depth_linear and, for each of the K codebooks, the depthformer and that codebook's head."""
+    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+    backbone = size(p for layer in model.lfm.layers for n, p in layer.named_parameters() if p.dim() > 1)
+    depth = size(p for n, p in model.depthformer.named_parameters() if p.dim() > 1)
+    heads = size(e.logits_weight() for e in model.depth_embeddings)
+    return backbone + size(model.depth_linear.parameters()) + model.cfg.codebooks * depth + heads
+
+
+# ---- prompt ------------------------------------------------------------------------------------
+
+
+def make_prompt(model, seed: int = 0):
+    """Token ids and 4 s log-mel: <bos> + 14 'system' tokens + 4 s audio + 8 more tokens."""
+    g = torch.Generator().manual_seed(seed)
+    wave = torch.randn(4 * 16000, generator=g) * 0.1
+    features, _ = log_mel(wave, model.cfg.preprocessor)
+    low, high = model.cfg.lfm.vocab_size // 4, model.cfg.lfm.vocab_size  # no special tokens
+    before = torch.randint(low, high, (14,), generator=g).tolist()
+    after = torch.randint(low, high, (8,), generator=g).tolist()
+    return before, features, after
+
+
+def new_conversation(m, prompt) -> Conversation:
+    before, features, after = prompt
+    conv = Conversation(m, tokenizer=None)
+    conv.add_tokens(before)
+    conv.add_features(features)
+    conv.add_tokens(after)
+    conv.role = "assistant"
+    return conv
+
+
+# ---- timings -----------------------------------------------------------------------------------
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up: oneDNN primitives, allocator, first-touch
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> dict:
+    out = {}
+    forced = forced_text(m.cfg)
+
+    def prefill():
+        new_conversation(m, prompt).prefill()
+
+    out["prefill_s"] = best_of(prefill, repeats)
+
+    def ttfa():
+        conv = new_conversation(m, prompt)
+        for e in generate(conv, "interleaved", max_new_tokens=len(forced) + 1, force_tokens=forced):
+            if e.kind == "audio":
+                return
+        raise RuntimeError("no audio frame")
+
+    out["ttfa_s"] = best_of(ttfa, repeats)
+
+    # Steady-state decode over `batch` rows that share the prompt.
+    conv = new_conversation(m, prompt)
+    emb = conv.pending_embeddings()
+    capacity = emb.shape[0] + 2 * (n_text + n_frames) * (repeats + 2) + 8
+    def start():
+        cache = m.lfm.new_cache(batch, capacity)
+        h = m.lfm(emb[None].expand(batch, -1, -1).contiguous(), cache)[:, -1]
+        return cache, h
+
+    cache, h = start()
+
+    def text_steps():
+        nonlocal h
+        for _ in range(n_text):
+            tok = m.text_logits(h).argmax(-1)
+            h = m.lfm(m.lfm.embed_tokens(tok)[:, None], cache)[:, -1]
+
+    def audio_steps():
+        nonlocal h
+        for _ in range(n_frames):
+            frame = m.sample_frame(h)
+            h = m.lfm(m.embed_audio_frames(frame)[:, None], cache)[:, -1]
+
+    out["text_tok_s"] = batch * n_text / best_of(text_steps, repeats)
+    out["audio_fps"] = batch * n_frames / best_of(audio_steps, repeats)
+    return out
+
+
+# ---- int8 quality ------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def reference_run(m, prompt, steps: int):
+    """Greedy interleaved schedule (n_text text steps, n_audio frames, ...) for `steps` steps
+    without stopping: the inputs fed and, per text step, the logits."""
+    n_text, n_audio = m.cfg.interleaved_n_text, m.cfg.interleaved_n_audio
+    conv = new_conversation(m, prompt)
+    h = conv.prefill()[None]
+    cache = conv.cache
+    record = []
+    for i in range(steps):
+        if i % (n_text + n_audio) < n_text:
+            logits = m.text_logits(h)
+            tok = logits.argmax(-1)
+            record.append(("text", tok, logits.float()))
+            x = m.lfm.embed_tokens(tok)
+        else:
+            frame = m.sample_frame(h)
+            frame = torch.where(frame[:, :1] == END_OF_AUDIO, torch.full_like(frame, END_OF_AUDIO), frame)
+            record.append(("audio", frame, None))
+            x = m.embed_audio_frames(frame)
+        h = m.lfm(x[:, None], cache)[:, -1]
+    return record
+
+
+@torch.inference_mode()
+def replay_quality(mq, fast_q, prompt, record) -> dict:
+    """Teacher-force the reference inputs through the quantized model and compare its greedy
+    choices: text via its logits, audio codes via depth logits given the reference codes."""
+    conv = new_conversation(fast_q, prompt)
+    h = conv.prefill()[None]
+    cache = conv.cache
+    text_match, frame_match, n_frames, code_match, n_codes, cosines = 0, 0, 0, 0, 0, []
+    for kind, target, ref_logits in record:
+        if kind == "text":
+            logits = fast_q.text_logits(h).float()
+            cosines.append(float(torch.nn.functional.cosine_similarity(logits, ref_logits, dim=-1)[0]))
+            text_match += int(logits.argmax(-1)[0] == target[0])
+            x = fast_q.lfm.embed_tokens(target)
+        else:
+            depth = mq.depth_logits_teacher_forced(h, target).float()  # [1, K, 2049]
+            depth[:, 1:, END_OF_AUDIO] = float("-inf")
+            pred = depth.argmax(-1)
+            if target[0, 0] == END_OF_AUDIO:  # the whole frame is end-of-audio: only code 0 counts
+                pred, target = pred[:, :1], target[:, :1]
+            same = pred == target
+            code_match += int(same.sum())
+            n_codes += same.numel()
+            frame_match += int(same.all())
+            n_frames += 1
+            x = fast_q.embed_audio_frames(target)
+        h = fast_q.lfm(x[:, None], cache)[:, -1]
+    n_text = len(record) - n_frames
+    return {
+        # a step matches when its text token, or all 8 codes of its frame, match
+        "int8_step_match": (text_match + frame_match) / len(record),
+        # every sampled token counts: text tokens and each audio code
+        "int8_token_match": (text_match + code_match) / max(n_text + n_codes, 1),
+        "int8_text_match": text_match / max(n_text, 1),
+        "int8_code_match": code_match / max(n_codes, 1),
+        "int8_text_logit_cos_min": min(cosines) if cosines else None,
+        "int8_text_logit_cos_mean": float(np.mean(cosines)) if cosines else None,
+    }
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random-official")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dyn"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="0: every core")
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--text-tokens", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prepack", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--exact", action="store_true", help="fast path bit-identical to plain (FastLFM2Audio exact=True)")
+    ap.add_argument("--quality-steps", type=int, default=100)
+    ap.add_argument("--skip-plain", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        threads = args.threads
+    else:
+        threads = use_all_cores()
+    dtype = parse_dtype(args.dtype)
+    prepack = {"auto": None, "on": True, "off": False}[args.prepack]
+
+    t = time.perf_counter()
+    if args.model == "random-official":
+        model = random_official(dtype)
+    else:
+        model = LFM2AudioModel.from_pretrained(args.model, dtype=dtype)
+    load_s = time.perf_counter() - t
+    prompt = make_prompt(model)
+    bandwidth = memory_bandwidth_gbs()
+    result = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "exact": args.exact, "batch": args.batch,
+              "threads": threads, "frames": args.frames, "text_tokens": args.text_tokens,
+              "load_s": round(load_s, 2), "bandwidth_gbs": round(bandwidth, 1)}
+    timing = dict(batch=args.batch, n_text=args.text_tokens, n_frames=args.frames, repeats=args.repeats)
+
+    plain_bytes = frame_bytes(model)
+    if not args.skip_plain:
+        result["plain"] = measure(model, prompt, **timing)
+        result["plain"]["frame_bytes_gb"] = plain_bytes / 1e9
+
+    record = None
+    if args.quantize:
+        ref = FastLFM2Audio(model, exact=True, threads=0)  # bit-identical to the plain path
+        record = reference_run(ref, prompt, args.quality_steps)
+        del ref
+        gc.collect()
+        t = time.perf_counter()
+        fast_model = quantize_model(copy.deepcopy(model), args.quantize)
+        result["quantize_s"] = round(time.perf_counter() - t, 2)
+        if args.skip_plain:
+            del model
+            gc.collect()
+    else:
+        fast_model = model
+    t = time.perf_counter()
+    fast = FastLFM2Audio(fast_model, prepack=prepack, exact=args.exact, threads=0)
+    result["engine_build_s"] = round(time.perf_counter() - t, 2)
+    result["fast"] = measure(fast, prompt, **timing)
+    result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9
+    if record is not None:
+        result.update(replay_quality(fast_model, fast, prompt, record))
+
+    for name in ("plain", "fast"):
+        if name not in result:
+            continue
+        r = result[name]
+        floor_fps = bandwidth * 1e9 / (r["frame_bytes_gb"] * 1e9)
+        r["floor_fps"] = floor_fps
+        r["ratio_to_floor"] = floor_fps / (r["audio_fps"] / args.batch)
+    if "plain" in result:
+        result["speedup"] = {k: result["fast"][k] / result["plain"][k] for k in ("text_tok_s", "audio_fps")}
+        result["speedup"].update({k: result["plain"][k] / result["fast"][k] for k in ("prefill_s", "ttfa_s")})
+    result["peak_rss_gb"] = peak_rss_gb()
+    print(json.dumps(_rounded(result)))
+    return 0
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return round(x, 3)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    return x
+
+
+if __name__ == "__main__":
+    sys.exit(main())

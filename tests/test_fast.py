@@ -14,8 +14,14 @@ from lfm2_audio.generation.fast import FastLFM2Audio, can_prepack
 from lfm2_audio.generation.generate import generate
 from lfm2_audio.generation.sampling import Sampling
 from lfm2_audio.model.lfm2_audio import random_model
-from lfm2_audio.model.quantize import (Int8Linear, dequantize_int8, int8_dynamic_linear, int8_linear, quantize_int8,
-                                       quantize_model)
+from lfm2_audio.model.quantize import (
+    Int8Linear,
+    dequantize_int8,
+    int8_dynamic_linear,
+    int8_linear,
+    quantize_int8,
+    quantize_model,
+)
 
 
 def tiny_config() -> LFM2AudioConfig:
@@ -57,7 +63,7 @@ def fast(request, plain):
 def _close(fast):
     """exact=True: the plain path's ops, bit for bit. Default: two small ops are rewritten as
     elementwise fp32 math (same values up to rounding)."""
-    return dict(rtol=0, atol=0) if fast.depth.exact else dict(rtol=1e-4, atol=1e-5)
+    return {"rtol": 0, "atol": 0} if fast.depth.exact else {"rtol": 1e-4, "atol": 1e-5}
 
 
 @pytest.mark.parametrize("mode", ["interleaved", "sequential"])

@@ -141,7 +141,7 @@ class Int8Linear(nn.Module):
         self.dynamic = dynamic
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, dynamic: bool = False) -> "Int8Linear":
+    def from_linear(cls, lin: nn.Linear, dynamic: bool = False) -> Int8Linear:
         q, s = quantize_int8(lin.weight.detach())
         bias = None if lin.bias is None else lin.bias.detach()
         return cls(q, s, bias, dynamic)

@@ -1,3 +1,4 @@
+import contextlib
 import json
 from pathlib import Path
 
@@ -37,3 +38,19 @@ def tiny_checkpoint(tmp_path_factory, tiny_model):
     tiny_model.save_pretrained(d)
     (d / "tokenizer.json").write_bytes((ASSETS / "tokenizer.json").read_bytes())
     return d
+
+
+@contextlib.contextmanager
+def tiny_server(model, tokenizer, cfg, **server_kwargs):
+    """A real server on loopback over `model` with the tiny codec; restores torch's thread count
+    (the runtime sets it from cfg.threads) when it stops."""
+    from lfm2_audio.pipeline import LFM2Audio
+    from lfm2_audio.serving.runtime import Runtime
+    from lfm2_audio.serving.testing import ServerThread, tiny_codec
+
+    threads = torch.get_num_threads()
+    try:
+        with ServerThread(Runtime(LFM2Audio(model, tokenizer, tiny_codec()), cfg), **server_kwargs) as server:
+            yield server
+    finally:
+        torch.set_num_threads(threads)

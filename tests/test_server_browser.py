@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import tiny_server
 import soundfile as sf
 import torch
 
@@ -22,9 +24,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 sync_client = pytest.importorskip("websockets.sync.client")
 
-from lfm2_audio.pipeline import LFM2Audio  # noqa: E402
-from lfm2_audio.serving.runtime import Runtime, ServeConfig  # noqa: E402
-from lfm2_audio.serving.testing import ServerThread, tiny_codec  # noqa: E402
+from lfm2_audio.serving.runtime import ServeConfig  # noqa: E402
 
 QUESTION = Path(__file__).parent / "assets" / "question.wav"
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"),
@@ -64,11 +64,8 @@ class Page:
 @pytest.fixture(scope="module")
 def server(tiny_model, tokenizer):
     cfg = ServeConfig(max_sessions=4, max_context=2048, max_new_tokens=40, max_transcript_tokens=20, threads=1)
-    threads = torch.get_num_threads()
-    rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), cfg)
-    with ServerThread(rt) as s:
+    with tiny_server(tiny_model, tokenizer, cfg) as s:
         yield s
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import tiny_server
 import soundfile as sf
 import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from lfm2_audio.pipeline import LFM2Audio  # noqa: E402
-from lfm2_audio.serving.runtime import Runtime, ServeConfig  # noqa: E402
-from lfm2_audio.serving.testing import ServerThread, tiny_codec  # noqa: E402
+from lfm2_audio.serving.runtime import ServeConfig  # noqa: E402
 
 QUESTION = Path(__file__).parent / "assets" / "question.wav"
 FRAME = 1920
@@ -29,11 +29,8 @@ FRAME = 1920
 def server(tiny_model, tokenizer):
     cfg = ServeConfig(max_sessions=4, max_context=1024, queue_timeout=0.5, max_upload_bytes=512 * 1024,
                       max_new_tokens=40, max_transcript_tokens=40, vad="energy", threads=1)
-    threads = torch.get_num_threads()
-    rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), cfg)
-    with ServerThread(rt) as s:
+    with tiny_server(tiny_model, tokenizer, cfg) as s:
         yield s
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

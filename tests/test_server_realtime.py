@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import tiny_server
 import soundfile as sf
 import soxr
 import torch
@@ -20,9 +22,7 @@ import torch
 pytest.importorskip("fastapi")
 websockets = pytest.importorskip("websockets")
 
-from lfm2_audio.pipeline import LFM2Audio  # noqa: E402
-from lfm2_audio.serving.runtime import Runtime, ServeConfig  # noqa: E402
-from lfm2_audio.serving.testing import ServerThread, tiny_codec  # noqa: E402
+from lfm2_audio.serving.runtime import ServeConfig  # noqa: E402
 
 QUESTION = Path(__file__).parent / "assets" / "question.wav"
 RATE = 24000
@@ -34,11 +34,8 @@ def server(tiny_model, tokenizer):
     cfg = ServeConfig(max_sessions=6, max_context=2048, queue_timeout=0.5, max_new_tokens=60, max_transcript_tokens=20,
                       max_message_bytes=256 * 1024, send_timeout=2.0, max_backlog_bytes=256 * 1024, vad="auto",
                       threads=1)
-    threads = torch.get_num_threads()
-    rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), cfg)
-    with ServerThread(rt, sndbuf=64 * 1024) as s:
+    with tiny_server(tiny_model, tokenizer, cfg, sndbuf=64 * 1024) as s:
         yield s
-    torch.set_num_threads(threads)
 
 
 def speech_pcm(lead: float = 0.0, tail: float = 0.0) -> bytes:

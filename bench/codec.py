@@ -1,6 +1,7 @@
-"""Codec decode speed on CPU: real-time factor and streaming latency. Not a test.
+"""Codec decode speed: real-time factor and streaming latency. Not a test.
 
     python bench/codec.py [--codec mimi|detokenizer|all] [--threads 2] [--seconds 10] [--frames 50]
+    python bench/codec.py --device cuda
 
 Each codec is built at official size with random weights (speed does not depend on the values)
 and prints one JSON line:
@@ -8,6 +9,7 @@ and prints one JSON line:
     decode_rtf          seconds of compute per second of audio, one whole-sequence decode
     stream_rtf          the same, feeding the frames one at a time to codec.stream(1)
     stream_latency_ms   median time from one frame in to its 1920 samples out (streaming)
+    cpu_rel_err         off CPU: |decode here - decode on CPU| / |decode on CPU| (same weights)
 
 To add a codec: write a builder returning an object with the codec interface
 (lfm2_audio.codec: sample_rate, frame_samples, num_codebooks, decode, optionally stream) and
@@ -75,16 +77,25 @@ BUILDERS = {"mimi": build_mimi, "detokenizer": build_detokenizer}
 
 
 def _timed(fn):
+    _sync()
     t = time.perf_counter()
     out = fn()
+    _sync()
     return time.perf_counter() - t, out
 
 
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def bench(name: str, codec, seconds: float, latency_frames: int) -> dict:
+def bench(name: str, codec, seconds: float, latency_frames: int, device="cpu") -> dict:
     n_frames = round(seconds * codec.sample_rate / codec.frame_samples)
     audio_s = n_frames * codec.frame_samples / codec.sample_rate
     codes = torch.randint(0, 2048, (1, codec.num_codebooks, n_frames), generator=torch.Generator().manual_seed(0))
+    reference = codec.decode(codes[:, :, :8]) if device != "cpu" else None  # on CPU, before moving
+    codec = codec.to(device)
     codec.decode(codes[:, :, :4])  # warm-up (allocator, kernels)
     whole = min(_timed(lambda: codec.decode(codes))[0] for _ in range(2))
     result = {
@@ -95,7 +106,11 @@ def bench(name: str, codec, seconds: float, latency_frames: int) -> dict:
         "decode_rtf": round(whole / audio_s, 4),
         "stream_rtf": None,
         "stream_latency_ms": None,
+        "device": str(device),
     }
+    if reference is not None:
+        here = codec.decode(codes[:, :, :8]).cpu()
+        result["cpu_rel_err"] = float((here - reference).norm() / reference.norm())
     if not hasattr(codec, "stream"):
         result["note"] = "no streaming decoder"
         return result
@@ -119,6 +134,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=10.0, help="audio length for the RTF runs")
     p.add_argument("--frames", type=int, default=50, help="frames for the streaming latency median")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in BUILDERS if args.codec == "all" else [args.codec]:
@@ -127,7 +143,7 @@ def main(argv=None) -> None:
         except Skip as e:
             print(f"# skipping {name}: {e}", file=sys.stderr)
             continue
-        print(json.dumps(bench(name, codec, args.seconds, args.frames)), flush=True)
+        print(json.dumps(bench(name, codec, args.seconds, args.frames, args.device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,29 @@
     python bench/generate.py --model random-official --dtype bf16
     python bench/generate.py --model random-official --dtype bf16 --quantize int8
     python bench/generate.py --model CHECKPOINT_DIR --dtype fp32 --frames 8
+    python bench/generate.py --device cuda --dtype bf16 --batch 1,64,128,256 [--compile]
 
 Prints one JSON line. For each path (`plain`: the eager modules; `fast`: FastLFM2Audio):
   prefill_s   front end + conformer + backbone over a prompt with a 4 s random waveform
+              (encode_s: the conformer and adapter alone)
   ttfa_s      interleaved mode, from starting with that prompt to the first audio frame out
               (prefill + 6 text steps + 1 frame), through the real `generate` loop
   text_tok_s  text tokens/s (text head + one backbone step each), summed over --batch rows
   audio_fps   audio frames/s (depthformer frame + one backbone step each), summed over rows
-Plus load_s, peak_rss_gb, the memory bandwidth measured here (sums over a 1 GiB tensor, at
-the start and at the end, the best), the weight bytes one frame reads, the frame rate that
-bandwidth allows (the floor) and each path's ratio to it (frame time / floor time), and
-fast/plain speed-ups. Every timing is the best of --repeats runs (the dev box is shared and
-noisy). `--model random-official` builds an official-size model with random weights in memory
+  frame_ms    milliseconds per audio frame at the first --batch (1000 * batch / audio_fps)
+  sweep       with several --batch values (or on CUDA): {batch: ms per frame step}, a step being
+              the depthformer frame plus one backbone step for every row; a row is real time
+              while a step takes < 80 ms (80 ms of audio per frame): `realtime_streams` is the
+              largest swept batch under that
+Plus load_s, peak_rss_gb (and gpu_peak_gb), the memory bandwidth measured here (sums over a
+1 GiB tensor, at the start and at the end, the best), the weight bytes one frame reads, the
+frame rate that bandwidth allows (the floor, also as floor_ms) and each path's ratio to it
+(frame time / floor time), fast/plain speed-ups, and `fast.parity`: the fast path's hidden
+states (cosine, worst) and greedy frames (fraction of codes) against the plain path's on the
+same inputs. On CUDA the fast path replays CUDA graphs (generation/cuda_graphs.py; --compile
+fuses their small ops with torch.compile first, --graphs off measures the eager fast path)
+and every timing synchronizes the device. Every timing is the best of --repeats runs (the
+dev box is shared and noisy). `--model random-official` builds an official-size model with random weights in memory
 (no checkpoint needed). `--exact` runs the engine bit-identical to the plain path.
 
 With --quantize int8 the fast path runs the int8 model and the plain baseline stays the
@@ -56,13 +67,13 @@ def forced_text(cfg) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def random_official(dtype: torch.dtype, seed: int = 0) -> LFM2AudioModel:
-    """Official-size model with N(0, 0.02) weights, built directly in `dtype` (no fp32 init)."""
+def random_official(dtype: torch.dtype, seed: int = 0, device="cpu") -> LFM2AudioModel:
+    """Official-size model with N(0, 0.02) weights, built directly in `dtype` on `device`."""
     cfg = official_config()
     with torch.device("meta"):
         model = LFM2AudioModel(cfg)
-    model = model.to(dtype).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1 and ("norm" in name or name.endswith(".bias")):
             p.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -73,7 +84,7 @@ def random_official(dtype: torch.dtype, seed: int = 0) -> LFM2AudioModel:
             b.fill_(1.0)
         elif name.endswith(("running_mean", "num_batches_tracked")):
             b.zero_()
-    model.codebook_offsets = torch.arange(cfg.codebooks) * AUDIO_VOCAB
+    model.codebook_offsets = torch.arange(cfg.codebooks, device=device) * AUDIO_VOCAB
     return model.eval()
 
 
@@ -81,12 +92,16 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
-def memory_bandwidth_gbs(repeats: int = 5) -> float:
+def gpu_peak_gb() -> float | None:
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
+
+
+def memory_bandwidth_gbs(repeats: int = 5, device="cpu") -> float:
     """Read bandwidth: the best of several sums over a 1 GiB tensor (far larger than any cache),
     in fp32 and in bf16 (the fp32 sum can be compute-bound on few cores); the faster counts."""
     best = 0.0
     for dtype in (torch.float32, torch.bfloat16):
-        a = torch.ones((1 << 30) // torch.tensor([], dtype=dtype).element_size(), dtype=dtype)
+        a = torch.ones((1 << 30) // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
         a.sum()
         t = min(_timed(a.sum) for _ in range(repeats))
         best = max(best, a.numel() * a.element_size() / t / 1e9)
@@ -139,9 +154,16 @@ def best_of(fn, repeats: int) -> float:
 
 
 def _timed(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
@@ -153,6 +175,7 @@ def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> 
         new_conversation(m, prompt).prefill()
 
     out["prefill_s"] = best_of(prefill, repeats)
+    out["encode_s"] = best_of(lambda: m.encode_audio([prompt[1]]), repeats)  # the conformer's part
 
     def ttfa():
         conv = new_conversation(m, prompt)
@@ -188,7 +211,53 @@ def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> 
 
     out["text_tok_s"] = batch * n_text / best_of(text_steps, repeats)
     out["audio_fps"] = batch * n_frames / best_of(audio_steps, repeats)
+    out["frame_ms"] = 1000 * batch / out["audio_fps"]
     return out
+
+
+@torch.inference_mode()
+def sweep(m, prompt, batches, n_frames: int, repeats: int) -> dict:
+    """{batch: ms per frame step (a depthformer frame and a backbone step for every row)}."""
+    emb = new_conversation(m, prompt).pending_embeddings()
+    capacity = emb.shape[0] + n_frames * (repeats + 2) + 8
+    out = {}
+    for batch in batches:
+        cache = m.lfm.new_cache(batch, capacity)
+        h = m.lfm(emb[None].expand(batch, -1, -1).contiguous(), cache)[:, -1]
+
+        def frames():
+            nonlocal h
+            for _ in range(n_frames):
+                frame = m.sample_frame(h)
+                h = m.lfm(m.embed_audio_frames(frame)[:, None], cache)[:, -1]
+
+        out[str(batch)] = 1000 * best_of(frames, repeats) / n_frames
+        del cache, h
+        gc.collect()
+    return out
+
+
+def realtime_streams(steps: dict) -> int:
+    """The largest swept batch whose frame step beats the 80 ms of audio a frame holds."""
+    return max([int(b) for b, ms in steps.items() if ms < 80.0], default=0)
+
+
+@torch.inference_mode()
+def parity(plain, fast, prompt, batch: int = 4, steps: int = 6) -> dict:
+    """The fast path against the plain one on the same inputs: a batched prefill of the prompt
+    and `steps` decode steps (cosine of the hidden states, the worst one), then greedy frames
+    from the plain path's states (fraction of codes that agree)."""
+    emb = new_conversation(plain, prompt).pending_embeddings()
+    x = emb[None].expand(batch, -1, -1).contiguous()
+    caches = [m.lfm.new_cache(batch, emb.shape[0] + 256) for m in (plain, fast)]  # room for a padded prefill
+    g = torch.Generator().manual_seed(0)
+    cosines = []
+    for _ in range(steps + 1):
+        want, got = (m.lfm(x, c)[:, -1].float() for m, c in zip((plain, fast), caches))
+        cosines.append(float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()))
+        x = (torch.randn(batch, 1, emb.shape[1], generator=g) * float(emb.float().std())).to(emb)
+    h = want.to(emb.dtype)
+    return {"hidden_cos_min": min(cosines), "frame_code_match": float((fast.sample_frame(h) == plain.sample_frame(h)).float().mean())}
 
 
 # ---- int8 quality ------------------------------------------------------------------------------
@@ -266,7 +335,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="random-official")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--quantize", default=None, choices=["int8", "int8-dyn"])
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--batch", default="1", help="a batch size, or a comma list for a sweep (the first one is "
+                                                   "the batch of text_tok_s / audio_fps)")
+    ap.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graph path of the fast engine")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the graph path's step functions")
     ap.add_argument("--threads", type=int, default=0, help="0: every core")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--text-tokens", type=int, default=12)
@@ -276,6 +349,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quality-steps", type=int, default=100)
     ap.add_argument("--skip-plain", action="store_true")
     args = ap.parse_args(argv)
+    batches = [int(b) for b in str(args.batch).split(",")]
+    args.batch = batches[0]
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    graphs = {"auto": None, "on": True, "off": False}[args.graphs]
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -287,21 +365,26 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     if args.model == "random-official":
-        model = random_official(dtype)
+        model = random_official(dtype, device=device)
     else:
-        model = LFM2AudioModel.from_pretrained(args.model, dtype=dtype)
+        model = LFM2AudioModel.from_pretrained(args.model, dtype=dtype, device=device)
+    _sync()
     load_s = time.perf_counter() - t
     prompt = make_prompt(model)
-    bandwidth = memory_bandwidth_gbs()
-    result = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "exact": args.exact, "batch": args.batch,
+    bandwidth = memory_bandwidth_gbs(device=device)
+    result = {"model": args.model, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+              "dtype": args.dtype, "quantize": args.quantize, "exact": args.exact, "batch": args.batch,
               "threads": threads, "frames": args.frames, "text_tokens": args.text_tokens,
               "load_s": round(load_s, 2), "bandwidth_gbs": round(bandwidth, 1)}
+    do_sweep = len(batches) > 1 or cuda
     timing = {"batch": args.batch, "n_text": args.text_tokens, "n_frames": args.frames, "repeats": args.repeats}
 
     plain_bytes = frame_bytes(model)
     if not args.skip_plain:
         result["plain"] = measure(model, prompt, **timing)
         result["plain"]["frame_bytes_gb"] = plain_bytes / 1e9
+        if do_sweep:
+            result["plain"]["sweep"] = sweep(model, prompt, batches, args.frames, args.repeats)
 
     record = None
     if args.quantize:
@@ -318,15 +401,25 @@ def main(argv=None) -> int:
     else:
         fast_model = model
     t = time.perf_counter()
-    fast = FastLFM2Audio(fast_model, prepack=prepack, exact=args.exact, threads=0)
+    fast = FastLFM2Audio(fast_model, prepack=prepack, exact=args.exact, threads=0, cuda_graphs=graphs, compile=args.compile)
     result["engine_build_s"] = round(time.perf_counter() - t, 2)
+    result["cuda_graphs"] = fast.cuda_graphs
+    result["compiled"] = fast.cuda_graphs and fast.lfm.kernels.compiled
+    t = time.perf_counter()
     result["fast"] = measure(fast, prompt, **timing)
     result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9
+    if do_sweep:
+        result["fast"]["sweep"] = sweep(fast, prompt, batches, args.frames, args.repeats)
+    result["fast_bench_s"] = round(time.perf_counter() - t, 1)  # graph captures and compiles included
+    if fast.cuda_graphs:  # a compile failure falls back to the uncompiled functions
+        result["compiled"] = fast.lfm.kernels.compiled
     if record is not None:
         result.update(replay_quality(fast_model, fast, prompt, record))
+    elif fast_model is model:
+        result["fast"]["parity"] = parity(model, fast, prompt)
 
     # Measured again at the end (the machine is shared; the higher figure is the machine's).
-    bandwidth = max(bandwidth, memory_bandwidth_gbs())
+    bandwidth = max(bandwidth, memory_bandwidth_gbs(device=device))
     result["bandwidth_gbs"] = round(bandwidth, 1)
     for name in ("plain", "fast"):
         if name not in result:
@@ -334,11 +427,17 @@ def main(argv=None) -> int:
         r = result[name]
         floor_fps = bandwidth * 1e9 / (r["frame_bytes_gb"] * 1e9)
         r["floor_fps"] = floor_fps
+        r["floor_ms"] = 1000 / floor_fps
         r["ratio_to_floor"] = floor_fps / (r["audio_fps"] / args.batch)
+        if "sweep" in r:
+            r["realtime_streams"] = realtime_streams(r["sweep"])
     if "plain" in result:
         result["speedup"] = {k: result["fast"][k] / result["plain"][k] for k in ("text_tok_s", "audio_fps")}
-        result["speedup"].update({k: result["plain"][k] / result["fast"][k] for k in ("prefill_s", "ttfa_s")})
+        result["speedup"].update({k: result["plain"][k] / result["fast"][k] for k in ("prefill_s", "ttfa_s", "frame_ms")})
+        if do_sweep:
+            result["speedup"]["sweep"] = {b: result["plain"]["sweep"][b] / ms for b, ms in result["fast"]["sweep"].items()}
     result["peak_rss_gb"] = peak_rss_gb()
+    result["gpu_peak_gb"] = gpu_peak_gb()
     print(json.dumps(_rounded(result)))
     return 0
 

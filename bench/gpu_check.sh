@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The CUDA path on one GPU: correctness against the plain path at tiny size, then official-size
+# speed (bf16, batch 1 and a sweep) with CUDA graphs, then with torch.compile, then the codecs.
+# Each piece runs under its own time limit, so one hang cannot take the whole run.
+#
+#   bash bench/gpu_check.sh [graphs|compile|all]   # from the repository root; log in $OUT/log
+#
+# graphs: tiny-size tests, official-size bench with graphs next to the plain path; compile: the
+# official-size bench compiled; all (default): both, then the compiled tiny tests and codecs.
+# Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks) are installed
+# first when present.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+FRAMES=${FRAMES:-8}
+SWEEP=${SWEEP:-1,64,128,256}
+
+step() {
+    local limit=$1
+    shift
+    echo "== $* (limit ${limit}s)"
+    local start=$SECONDS
+    timeout "$limit" "$@"
+    echo "== rc=$? after $((SECONDS - start))s"
+}
+
+STAGE=${1:-all}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    command -v cc gcc || echo "no C compiler"
+    if [ "$STAGE" != compile ]; then
+        step 60 python3 -m pytest tests/test_cuda_graphs.py -q -x -p no:cacheprovider -k "not compiled"
+        step 120 python3 bench/generate.py --device cuda --dtype bf16 --batch "$SWEEP" --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3
+    fi
+    if [ "$STAGE" != graphs ]; then
+        step 240 python3 bench/generate.py --device cuda --dtype bf16 --batch "$SWEEP" --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3 --compile --skip-plain
+    fi
+    if [ "$STAGE" = all ]; then
+        step 150 python3 -m pytest tests/test_cuda_graphs.py -q -x -p no:cacheprovider -k compiled
+        step 40 python3 bench/codec.py --device cuda --seconds 5 --frames 20
+    fi
+} 2>&1 | tee "$OUT/log"

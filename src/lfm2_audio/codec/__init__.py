@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import AUDIO_CODES, END_OF_AUDIO
@@ -28,11 +29,13 @@ MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 DETOKENIZER_DIR = "audio_detokenizer"
 
 
-def check_codes(codes: torch.Tensor, num_codebooks: int, trim_end_of_audio: bool = True) -> torch.Tensor:
+def check_codes(codes: torch.Tensor, num_codebooks: int, trim_end_of_audio: bool = True,
+                codebook_size: int = AUDIO_CODES) -> torch.Tensor:
     """Validate a [B, K, T] (or [K, T]) code tensor; drop trailing end-of-audio frames.
 
     A frame whose first code is the end-of-audio code ends the segment: it and everything after
-    it are trimmed (when trim_end_of_audio). Any other out-of-range code is an error.
+    it are trimmed (when trim_end_of_audio). Any other code outside [0, codebook_size) is an error
+    (codecs with smaller codebooks than the model's 2048 pass their own size).
     """
     if not isinstance(codes, torch.Tensor):
         codes = torch.as_tensor(codes)
@@ -49,10 +52,46 @@ def check_codes(codes: torch.Tensor, num_codebooks: int, trim_end_of_audio: bool
         eoa = (codes[:, 0, :] == END_OF_AUDIO).any(dim=0)
         if eoa.any():
             codes = codes[:, :, : int(eoa.nonzero()[0])]
-    if codes.numel() and (codes.min() < 0 or codes.max() >= AUDIO_CODES):
-        bad = codes[(codes < 0) | (codes >= AUDIO_CODES)][0].item()
-        raise InputError(f"audio codes must be in [0, {AUDIO_CODES - 1}], found {bad}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        bad = codes[(codes < 0) | (codes >= codebook_size)][0].item()
+        raise InputError(f"audio codes must be in [0, {codebook_size - 1}], found {bad}")
     return codes
+
+
+def check_wave(wave, device) -> torch.Tensor:
+    """Validate mono audio given as [N], [B, N] or [B, 1, N] floats -> [B, 1, N] float32 on device."""
+    if not isinstance(wave, torch.Tensor):
+        try:
+            wave = torch.as_tensor(np.asarray(wave))
+        except Exception as e:
+            raise InputError(f"audio must be a float array, got {type(wave).__name__}") from e
+    if not wave.dtype.is_floating_point:
+        raise InputError(f"audio must be floating point samples, got {wave.dtype}")
+    if wave.dim() == 1:
+        wave = wave[None]
+    if wave.dim() == 2:
+        wave = wave[:, None]
+    if wave.dim() != 3 or wave.shape[1] != 1:
+        raise InputError(f"audio must be [batch, samples] or [batch, 1, samples] (mono), got {tuple(wave.shape)}")
+    if not torch.isfinite(wave).all():
+        raise InputError("audio contains NaN or infinite samples")
+    return wave.to(device=device, dtype=torch.float32)
+
+
+class CodecInterface:
+    """What Mimi and the mel codec share: rates from `self.config`, and input validation."""
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def frame_samples(self) -> int:
+        return self.config.frame_samples
+
+    def _check_codes(self, codes) -> torch.Tensor:
+        size = min(self.config.codebook_size, AUDIO_CODES)
+        return check_codes(codes, self.num_codebooks, codebook_size=size).to(self.device)
 
 
 def load_codec(path: str | Path, device="cpu"):

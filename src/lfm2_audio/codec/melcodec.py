@@ -48,7 +48,7 @@ from torch import nn
 
 from ..config import AUDIO_CODES
 from ..errors import InputError
-from . import check_codes
+from . import CodecInterface, check_wave
 from .hifigan import Generator, HifiganConfig, generator_from_state_dict, load_universal_hifigan, mel_spectrogram
 
 CONFIG_FILE = "config.json"
@@ -120,7 +120,7 @@ def _resample(x: torch.Tensor, rate_in: float, rate_out: float) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(y.T)).to(x.device)
 
 
-class MelCodec(nn.Module):
+class MelCodec(CodecInterface, nn.Module):
     """decode(codes [B, 8, T]) -> [B, 1920 T] at 24 kHz; encode(wave [B, N]) -> [B, 8, ceil(N / 1920)]."""
 
     can_encode = True
@@ -137,15 +137,7 @@ class MelCodec(nn.Module):
         self.register_buffer("std", torch.ones(c.dim))
         self.register_buffer("codebooks", torch.zeros(c.num_codebooks, c.codebook_size, c.dim))
 
-    # -- interface shared by all codecs --------------------------------------------------------
-
-    @property
-    def sample_rate(self) -> int:
-        return self.config.sample_rate
-
-    @property
-    def frame_samples(self) -> int:
-        return self.config.frame_samples
+    # -- interface shared by all codecs (sample_rate, frame_samples: CodecInterface) ----------
 
     @property
     def num_codebooks(self) -> int:
@@ -235,30 +227,8 @@ class MelCodec(nn.Module):
         wave = self.vocoder(mel.to(self.device, torch.float32))  # [B, 1792 T] at 22,400 Hz
         return _resample(wave, self.config.analysis_rate, self.sample_rate)
 
-    def _check_codes(self, codes) -> torch.Tensor:
-        codes = check_codes(codes, self.num_codebooks)
-        size = self.config.codebook_size
-        if size < AUDIO_CODES and codes.numel() and codes.max() >= size:
-            raise InputError(f"audio codes must be in [0, {size - 1}] for this codec, found {codes.max().item()}")
-        return codes.to(self.device)
-
     def _check_wave(self, wave) -> torch.Tensor:
-        if not isinstance(wave, torch.Tensor):
-            try:
-                wave = torch.as_tensor(np.asarray(wave))
-            except Exception as e:
-                raise InputError(f"audio must be a float array, got {type(wave).__name__}") from e
-        if not wave.dtype.is_floating_point:
-            raise InputError(f"audio must be floating point samples, got {wave.dtype}")
-        if wave.dim() == 3 and wave.shape[1] == 1:
-            wave = wave[:, 0]
-        if wave.dim() == 1:
-            wave = wave[None]
-        if wave.dim() != 2:
-            raise InputError(f"audio must be [batch, samples] or [batch, 1, samples] (mono), got {tuple(wave.shape)}")
-        if not torch.isfinite(wave).all():
-            raise InputError("audio contains NaN or infinite samples")
-        return wave.to(device=self.device, dtype=torch.float32)
+        return check_wave(wave, self.device)[:, 0]
 
     # -- training and files --------------------------------------------------------------------
 

@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AUDIO_CODES
 from ..errors import InputError
 from ..weights import check_tensors, read_tensors, tensor_shapes
-from . import MIMI_FILE, check_codes
+from . import MIMI_FILE, CodecInterface, check_wave
 
 State = dict  # module -> whatever that module carries between streaming calls
 
@@ -467,7 +466,7 @@ def _remap_aliases(state_dict: dict) -> dict:
     return out
 
 
-class Mimi(nn.Module):
+class Mimi(CodecInterface, nn.Module):
     """Mimi codec. decode(codes [B, K, T]) -> [B, 1920·T]; encode(wave [B, N]) -> [B, K, ceil(N/1920)]."""
 
     can_encode = True
@@ -492,15 +491,7 @@ class Mimi(nn.Module):
         self.decoder = SEANetDecoder(c)
         self.num_codebooks = num_codebooks
 
-    # -- interface shared by all codecs --------------------------------------------------------
-
-    @property
-    def sample_rate(self) -> int:
-        return self.config.sample_rate
-
-    @property
-    def frame_samples(self) -> int:
-        return self.config.frame_samples
+    # -- interface shared by all codecs (sample_rate, frame_samples: CodecInterface) ----------
 
     @property
     def num_codebooks(self) -> int:
@@ -569,29 +560,8 @@ class Mimi(nn.Module):
         x = self.downsample.conv(x, state)  # [B, D, N/1920] at 12.5 Hz
         return self.quantizer.encode(x, self.num_codebooks)
 
-    def _check_codes(self, codes) -> torch.Tensor:
-        codes = check_codes(codes, self.num_codebooks)
-        if self.config.codebook_size < AUDIO_CODES and codes.numel() and codes.max() >= self.config.codebook_size:
-            raise InputError(f"audio codes must be in [0, {self.config.codebook_size - 1}], found {codes.max().item()}")
-        return codes.to(self.device)
-
     def _check_wave(self, wave) -> torch.Tensor:
-        if not isinstance(wave, torch.Tensor):
-            try:
-                wave = torch.as_tensor(wave)
-            except Exception as e:
-                raise InputError(f"audio must be a float array, got {type(wave).__name__}") from e
-        if not wave.dtype.is_floating_point:
-            raise InputError(f"audio must be floating point samples, got {wave.dtype}")
-        if wave.dim() == 1:
-            wave = wave[None]
-        if wave.dim() == 2:
-            wave = wave[:, None]
-        if wave.dim() != 3 or wave.shape[1] != 1:
-            raise InputError(f"audio must be [batch, samples] or [batch, 1, samples] (mono), got {tuple(wave.shape)}")
-        if not torch.isfinite(wave).all():
-            raise InputError("audio contains NaN or infinite samples")
-        return wave.to(device=self.device, dtype=torch.float32)
+        return check_wave(wave, self.device)
 
     # -- loading -------------------------------------------------------------------------------
 

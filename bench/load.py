@@ -1,6 +1,6 @@
 """Load benchmark: N concurrent realtime voice sessions against `lfm2-audio serve` on loopback.
 
-Each session connects to /v1/realtime, streams a spoken question (tests/assets/question.wav)
+Each session connects to /v1/realtime, streams a spoken question (assets/examples/question.wav)
 in real time as a microphone would (20 ms chunks, then silence until the answer is over),
 lets the server's VAD end the turn, and reads the streamed answer. Reported per N:
 
@@ -43,7 +43,7 @@ import soundfile as sf
 import soxr
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTION = ROOT / "tests" / "assets" / "question.wav"
+QUESTION = ROOT / "src" / "lfm2_audio" / "assets" / "examples" / "question.wav"
 RATE = 24000
 CHUNK_MS = 20  # microphone chunk (--chunk-ms)
 SERVER_PID: int | None = None
@@ -202,8 +202,7 @@ def start_server(args, max_sessions: int) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if args.fast:
-        cmd += ["--fast"]
+    cmd += ["--engine", args.engine]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vad", default="auto")
-    ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--engine", choices=("fast", "plain"), default="fast")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--chunk-ms", type=int, default=40, help="microphone chunk length sent per message")
     ap.add_argument("--json", default=None, help="also write the results here")

@@ -54,3 +54,16 @@ def tiny_server(model, tokenizer, cfg, **server_kwargs):
             yield server
     finally:
         torch.set_num_threads(threads)
+
+
+def prompted_conversation(model, seed=1):
+    """A conversation with text, 2.5 s of random audio features and the assistant's turn open."""
+    from lfm2_audio.generation.chat import Conversation
+
+    g = torch.Generator().manual_seed(seed)
+    conv = Conversation(model, tokenizer=None)
+    conv.add_tokens(torch.randint(200, 1000, (12,), generator=g).tolist())
+    conv.add_features(torch.randn(128, 250, generator=g))
+    conv.add_tokens([5, 6, 9, 11])
+    conv.role = "assistant"
+    return conv

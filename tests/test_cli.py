@@ -1,6 +1,7 @@
 """The command line end to end on a tiny random checkpoint."""
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from lfm2_audio.cli import main
@@ -36,3 +37,17 @@ def test_tts_and_chat_write_wav_through_the_codec(tmp_path, capsys):
     wave, rate = sf.read(tmp_path / "reply_1.wav")
     assert rate == 24000 and len(wave) == 4 * 1920  # 6 text steps, then 4 frames
     assert "[audio: " in capsys.readouterr().out
+
+
+def test_fast_and_plain_engines_print_the_same_greedy_reply(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["init-random", str(ckpt), "--tokenizer", str(__import__("conftest").ASSETS / "tokenizer.json")]) == 0
+    common = ["--model", str(ckpt), "--max-new-tokens", "12", "--threads", "1", "--temperature", "0"]
+    outs = []
+    for engine in ("plain", "fast"):
+        capsys.readouterr()
+        assert main(["chat", "hello there", "--engine", engine, "--out-dir", str(tmp_path / engine), *common]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "assistant:" in outs[0]
+    with pytest.raises(SystemExit):  # argparse refuses unknown modes
+        main(["asr", "x.wav", "--quantize", "int4", *common])

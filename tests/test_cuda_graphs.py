@@ -7,15 +7,13 @@ graphs (and torch.compile) and skip without a GPU.
 """
 
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lfm2_audio.cli import TINY_CONFIG
-from lfm2_audio.config import END_OF_AUDIO, LFM2AudioConfig
-from lfm2_audio.generation.chat import Conversation
+from conftest import prompted_conversation, tiny_config
+from lfm2_audio.config import END_OF_AUDIO
 from lfm2_audio.generation.cuda_graphs import batch_bucket, key_bucket, pick
 from lfm2_audio.generation.fast import FastLFM2Audio
 from lfm2_audio.generation.generate import generate
@@ -27,18 +25,7 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device; the CPU tests cover the same code eagerly")
 
 
-def tiny_config() -> LFM2AudioConfig:
-    return LFM2AudioConfig.from_dict(json.loads(TINY_CONFIG))
-
-
-def _conversation(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    conv = Conversation(model, tokenizer=None)
-    conv.add_tokens(torch.randint(200, 1000, (12,), generator=g).tolist())
-    conv.add_features(torch.randn(128, 250, generator=g))
-    conv.add_tokens([5, 6, 9, 11])
-    conv.role = "assistant"
-    return conv
+_conversation = prompted_conversation
 
 
 def _run(model, mode, steps=32, **kw):

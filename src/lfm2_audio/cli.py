@@ -16,8 +16,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _engine_args(p)
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--seed", type=int, default=None)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("fast", "plain"), default="fast",
+                   help="fast: fused decode path (same greedy tokens); plain: the eager reference-style model")
+    p.add_argument("--quantize", choices=("int8", "int8-dyn"), default=None,
+                   help="int8: weight-only int8 decode matmuls (CPU, bf16 models); int8-dyn: int8 activations too")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_k: int | None) -> None:
@@ -34,7 +42,8 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    return LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, fast=args.engine == "fast",
+                                     threads=args.threads or 0, quantize=args.quantize)
 
 
 def _write_audio(reply, out: Path) -> str:
@@ -175,7 +184,7 @@ def _serve_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent conversations (cache rows)")
     p.add_argument("--max-context", type=int, default=4096, help="positions per conversation")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="default reply length (tokens + frames)")
-    p.add_argument("--fast", action="store_true", help="use the fast decode path (generation/fast.py) when present")
+    _engine_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,11 +58,18 @@ class LFM2Audio:
         self.model, self.tokenizer, self.codec = model, tokenizer, codec
 
     @classmethod
-    def from_pretrained(cls, path_or_id=None, dtype=None, device="cpu", codec: bool = True,
-                        **model_kwargs) -> "LFM2Audio":
+    def from_pretrained(cls, path_or_id=None, dtype=None, device="cpu", codec: bool = True, fast: bool = True,
+                        threads: int | None = None, **model_kwargs) -> "LFM2Audio":
+        """fast: decode with generation/fast.py (fused frame, prepacked weights; CUDA graphs on a
+        GPU), which gives the plain path's greedy tokens; False keeps the plain eager model.
+        model_kwargs go to LFM2AudioModel.from_pretrained (e.g. quantize="int8")."""
         directory = resolve_checkpoint(path_or_id) if path_or_id is not None else default_model()
         device = parse_device(device)
         model = LFM2AudioModel.from_pretrained(directory, dtype=dtype, device=device, **model_kwargs)
+        if fast:
+            from .generation.fast import FastLFM2Audio
+
+            model = FastLFM2Audio(model, threads=threads)
         tokenizer = Tokenizer.from_pretrained(directory)
         audio_codec = None
         if codec:

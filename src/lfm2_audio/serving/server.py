@@ -16,7 +16,7 @@ log = logging.getLogger("lfm2_audio.serving")
 
 
 def load_runtime(model=None, device="cpu", dtype=None, config: ServeConfig | None = None, fast: bool = False,
-                 lfm=None) -> Runtime:
+                 lfm=None, quantize: str | None = None) -> Runtime:
     """A Runtime over a checkpoint (or an already loaded LFM2Audio `lfm`)."""
     config = config or ServeConfig()
     if config.threads:
@@ -26,14 +26,13 @@ def load_runtime(model=None, device="cpu", dtype=None, config: ServeConfig | Non
     if lfm is None:
         from ..pipeline import LFM2Audio
 
-        lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device)
-    if fast:
-        try:
-            from ..generation.fast import FastLFM2Audio
-        except ImportError as e:  # the fast engine is optional
-            log.warning("--fast unavailable (%s); using the plain model", e)
-        else:
-            lfm.model = FastLFM2Audio(lfm.model, threads=config.threads)
+        lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device, fast=fast, threads=config.threads or 0,
+                                        quantize=quantize)
+    elif fast:
+        from ..generation.fast import FastLFM2Audio
+
+        if not isinstance(lfm.model, FastLFM2Audio):
+            lfm.model = FastLFM2Audio(lfm.model, threads=config.threads or 0)
     return Runtime(lfm, config)
 
 
@@ -86,7 +85,7 @@ def serve(args) -> int:
                       queue_timeout=args.queue_timeout, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                       max_new_tokens=args.max_new_tokens, shutdown_timeout=args.shutdown_timeout, vad=args.vad,
                       threads=args.threads)
-    rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.fast)
+    rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast", quantize=args.quantize)
     server = make_server(rt, args.host, args.port, args.log_level)
     server.run()
     return 0 if not getattr(server, "force_exit", False) else 1

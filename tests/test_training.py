@@ -302,6 +302,30 @@ def _log(out):
     return [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
+def test_ctc_targets_are_asr_transcripts_and_reach_the_encoder(tok, cfg, model):
+    from lfm2_audio.training.loss import ctc_sum
+
+    convs = _conversations(4, seed=3)  # ASR, TTS, interleaved, text-only
+    convs[0][1] = Message("user", [Audio(_wave(32000, 0), 16000)])  # 2 s: 25 frames, room for the words
+    samples = [map_conversation(c, tok, cfg, FakeCodec()) for c in convs]
+    batch = collate([samples[:2], samples[2:]])
+    assert len(batch.transcripts) == len(batch.audio_in) == 2  # the ASR and the interleaved clip
+    words = convs[0][2].content[0]
+    assert batch.transcripts[0].tolist() == tok.encode(words) and batch.transcripts[1] is None
+    model.zero_grad(set_to_none=True)
+    enc = model.encode_audio(batch.audio_in)
+    loss = ctc_sum(model, enc, batch)
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    loss.backward()
+    assert model.conformer.pre_encode.conv[0].weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    # with weight 0 the numerator is the spec's loss, bit for bit
+    a = forward_sums(model, batch).numerator
+    b = forward_sums(model, batch, ctc_weight=0.5).numerator
+    assert b.item() == pytest.approx(a.item() + 0.5 * ctc_sum(model, model.encode_audio(batch.audio_in), batch).item(),
+                                     rel=1e-5)
+
+
 def test_lr_schedule():
     c = TrainConfig(output_dir="x", train_data="x", model_config="x", lr=1.0, warmup_steps=10, max_steps=110)
     assert lr_at(0, c) == pytest.approx(1 / 11) and lr_at(9, c) == pytest.approx(10 / 11)

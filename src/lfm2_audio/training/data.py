@@ -487,11 +487,13 @@ class Batch:
     position: torch.Tensor  # [B, L]
     packed: bool  # some row holds more than one sample (needs block-diagonal attention)
     segment_lengths: list  # lengths of the samples and padding runs of the flattened rows, in order
+    transcripts: list = field(default_factory=list)  # per audio_in clip: its transcript ids (ASR samples) or None
 
     def to(self, device) -> Batch:
         t = lambda x: x.to(device, non_blocking=True)
         return Batch(t(self.text), [t(c) for c in self.audio_in], t(self.audio_out), t(self.modality),
-                     t(self.supervised), t(self.segment), t(self.position), self.packed, self.segment_lengths)
+                     t(self.supervised), t(self.segment), t(self.position), self.packed, self.segment_lengths,
+                     [None if x is None else t(x) for x in self.transcripts])
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks [B, L-1] of the positions t >= 1 whose token (text) / frame (audio) is a target,
@@ -513,7 +515,7 @@ def collate(rows: list[list[Sample]], pad_id: int = 0, length: int | None = None
     unsupervised TEXT with the pad id, like the reference, so every position has an embedding."""
     L = length or max(sum(len(s) for s in row) for row in rows)
     K = next((s.audio_out.shape[1] for row in rows for s in row), 8)
-    text, audio_in, audio_out, mod, sup, seg, pos, lengths = [], [], [], [], [], [], [], []
+    text, audio_in, audio_out, mod, sup, seg, pos, lengths, transcripts = [], [], [], [], [], [], [], [], []
     for row in rows:
         used = sum(len(s) for s in row)
         if used > L:
@@ -521,6 +523,7 @@ def collate(rows: list[list[Sample]], pad_id: int = 0, length: int | None = None
         for j, s in enumerate(row):
             text.append(s.text)
             audio_in += s.audio_in
+            transcripts += [asr_transcript(s)] if len(s.audio_in) == 1 else [None] * len(s.audio_in)
             audio_out.append(s.audio_out)
             mod.append(s.modality)
             sup.append(s.supervised)
@@ -546,7 +549,22 @@ def collate(rows: list[list[Sample]], pad_id: int = 0, length: int | None = None
         position=torch.cat(pos).view(B, L),
         packed=any(len(row) > 1 for row in rows),
         segment_lengths=lengths,
+        transcripts=transcripts,
     )
+
+
+FIRST_REGULAR_ID = 134  # LFM2 tokenizers keep their special tokens below this id (spec §4)
+
+
+def asr_transcript(s: Sample) -> torch.Tensor | None:
+    """The transcript of a sample that is one clip in and text out (an ASR sample): its
+    supervised text up to the first special token (the turn's <|im_end|>). None otherwise."""
+    if len(s.audio_in) != 1 or s.audio_out.shape[0]:
+        return None
+    ids = s.text[s.supervised[s.modality == MODALITY_TEXT]]
+    special = (ids < FIRST_REGULAR_ID).nonzero()
+    ids = ids[: int(special[0])] if len(special) else ids
+    return ids if ids.numel() else None
 
 
 # ---- command line ----------------------------------------------------------------------------

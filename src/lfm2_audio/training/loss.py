@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import LFM2AudioConfig
 from ..errors import InputError
+from ..model.conformer import subsampled_length
 from ..model.lfm2 import Lfm2Model, apply_rope_half, rope_cos_sin, rope_inv_freq
 from .data import Batch
 
@@ -164,18 +165,40 @@ def _frame_losses(model, h, targets, weights):
     return (ce * weights).sum(-1) / weights.sum()
 
 
-def forward_sums(model, batch: Batch, touch_all: bool = False) -> LossSums:
+def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float = 0.0) -> LossSums:
     """Run the model over a batch; return the loss numerator and the per-part sums and counts.
 
     touch_all: also run the parts the batch does not need (audio encoder on a text-only batch,
     depthformer without audio targets, ...) with a zero weight, so every trainable parameter
     gets a gradient every step. DistributedDataParallel needs that (or find_unused_parameters).
+    ctc_weight: add this times `ctc_sum` (below) to the numerator; 0 is the spec's loss.
     """
     with sdpa_kernel(SDPA_BACKENDS):
-        return _forward_sums(model, batch, touch_all)
+        return _forward_sums(model, batch, touch_all, ctc_weight)
 
 
-def _forward_sums(model, batch: Batch, touch_all: bool) -> LossSums:
+def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed CTC loss of each ASR clip's encoded vectors (adapter outputs) against its
+    transcript, read through the final norm (embedding_norm) and the text head, blank = the pad id 0.
+
+    An auxiliary loss for training from scratch: with the spec's loss alone a fresh model learns
+    the text prior first, the encoder's gradient stays weak, and its output collapses to one
+    constant vector (measured: after 500 steps, input-dependent part 0.5% of its norm), so the
+    model never learns to listen. CTC gives the encoder a direct, per-frame signal. The official
+    checkpoints start from a CTC-trained encoder, so fine-tuning them does not need it."""
+    stages = model.cfg.encoder.n_subsampling_stages
+    pieces = torch.split(enc, [int(subsampled_length(f.shape[-1], stages)) for f in batch.audio_in])
+    pairs = [(p, t) for p, t in zip(pieces, batch.transcripts) if t is not None]
+    if not pairs:
+        return enc.new_zeros((), dtype=torch.float32)
+    h = nn.utils.rnn.pad_sequence([p for p, _ in pairs])  # [T, N, D]
+    log_probs = model.text_logits(model.lfm.embedding_norm(h)).float().log_softmax(-1)
+    targets = torch.cat([t for _, t in pairs])
+    return F.ctc_loss(log_probs, targets, torch.tensor([p.shape[0] for p, _ in pairs]),
+                      torch.tensor([t.numel() for _, t in pairs]), blank=0, reduction="sum", zero_infinity=True)
+
+
+def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0) -> LossSums:
     cfg = model.cfg
     B, L = batch.modality.shape
     dev = batch.modality.device
@@ -205,6 +228,8 @@ def _forward_sums(model, batch: Batch, touch_all: bool) -> LossSums:
 
     a, b = cfg.text_loss_multiplier, cfg.audio_loss_multiplier
     numerator = a * text_sum + b * audio_sum
+    if ctc_weight:
+        numerator = numerator + ctc_weight * ctc_sum(model, enc, batch)
     if touch_all:
         numerator = numerator + 0.0 * _unused_parts(model, batch, int(audio_t.shape[0]), h)
     return LossSums(numerator, float(text_sum.detach()), int(text_t.shape[0]), float(audio_sum.detach()),
@@ -245,13 +270,13 @@ def metrics(text_sum, n_text, audio_sum, n_frames, a=1.0, b=1.0) -> dict:
 class TrainingModel(nn.Module):
     """Wraps the model so one forward call returns the loss sums: what DDP wraps."""
 
-    def __init__(self, model, touch_all: bool = False):
+    def __init__(self, model, touch_all: bool = False, ctc_weight: float = 0.0):
         super().__init__()
         self.model = model
-        self.touch_all = touch_all
+        self.touch_all, self.ctc_weight = touch_all, ctc_weight
 
     def forward(self, batch: Batch) -> LossSums:
-        return forward_sums(self.model, batch, self.touch_all)
+        return forward_sums(self.model, batch, self.touch_all, self.ctc_weight)
 
 
 # ---- parameters ------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1  # not on norms, biases or embeddings
     grad_clip: float = 1.0  # 0 disables
+    ctc_weight: float = 0.0  # auxiliary CTC on ASR clips' encoder outputs (training.loss.ctc_sum); from scratch: ~0.3
     # runtime
     precision: str = "bf16"  # "bf16" autocast or "fp32"
     device: str = "auto"
@@ -487,7 +488,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> TrainResult:
 
     # Every trainable parameter gets a gradient every step under DDP (unused parts run with
     # weight 0), so DDP needs neither find_unused_parameters nor a static graph.
-    wrapped = TrainingModel(model, touch_all=d.world > 1)
+    wrapped = TrainingModel(model, touch_all=d.world > 1, ctc_weight=cfg.ctc_weight)
     if d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

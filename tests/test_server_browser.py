@@ -18,7 +18,6 @@ import pytest
 
 from conftest import tiny_server
 import soundfile as sf
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -110,22 +109,33 @@ def launch(url: str, mic: Path, profile: Path):
     pytest.fail("the page did not open")
 
 
+def press_start(page: Page) -> None:
+    """Wait for the page's script, then press Start (with a user gesture, so audio may play)."""
+    deadline = time.monotonic() + 30
+    while not page.eval("!!(document.getElementById('start') && window.lfm)") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert page.eval("!!window.lfm"), page.eval("location.href + ' ' + document.documentElement.outerHTML.slice(0, 500)")
+    page.eval("document.getElementById('start').click()", gesture=True)
+
+
+def poll_state(page: Page, done, timeout: float = 90) -> dict:
+    """The page's `window.lfm` state, polled until done(state) or the timeout."""
+    state, deadline = {}, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = json.loads(page.eval("JSON.stringify(window.lfm)"))
+        if done(state):
+            break
+        time.sleep(0.25)
+    return state
+
+
 def test_page_hears_the_question_and_plays_an_answer(server, mic_file, tmp_path):
     proc, ws_url = launch(server.url + "/", mic_file, tmp_path / "profile")
     page = Page(ws_url)
     try:
-        deadline = time.monotonic() + 30
-        while not page.eval("!!(document.getElementById('start') && window.lfm)") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert page.eval("!!window.lfm"), page.eval("location.href + ' ' + document.documentElement.outerHTML.slice(0, 500)")
-        page.eval("document.getElementById('start').click()", gesture=True)
-        state = {}
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            state = json.loads(page.eval("JSON.stringify(window.lfm)"))
-            if state["responsesDone"] >= 1 and 0 < state["samplesQueued"] == state["samplesPlayed"]:
-                break  # the answer has been played to its end
-            time.sleep(0.25)
+        press_start(page)
+        # until the answer has been played to its end
+        state = poll_state(page, lambda s: s["responsesDone"] >= 1 and 0 < s["samplesQueued"] == s["samplesPlayed"])
         transcript = page.eval("document.getElementById('log').innerText")
     finally:
         page.close()
@@ -150,17 +160,8 @@ def test_talking_over_the_answer_interrupts_it(server, tmp_path):
     proc, ws_url = launch(server.url + "/", mic, tmp_path / "profile2")
     page = Page(ws_url)
     try:
-        deadline = time.monotonic() + 30
-        while not page.eval("!!(document.getElementById('start') && window.lfm)") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        page.eval("document.getElementById('start').click()", gesture=True)
-        state = {}
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            state = json.loads(page.eval("JSON.stringify(window.lfm)"))
-            if state["cancelled"] >= 1 and state["responses"] >= 2:
-                break
-            time.sleep(0.25)
+        press_start(page)
+        state = poll_state(page, lambda s: s["cancelled"] >= 1 and s["responses"] >= 2)
         cut = page.eval("document.querySelectorAll('.assistant.cut').length")
     finally:
         rt.config.max_new_tokens = 40

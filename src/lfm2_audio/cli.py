@@ -43,7 +43,7 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, fast=args.engine == "fast",
-                                     threads=args.threads or 0, quantize=args.quantize)
+                                     threads=args.threads, quantize=args.quantize)
 
 
 def _write_audio(reply, out: Path) -> str:

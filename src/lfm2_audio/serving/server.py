@@ -26,13 +26,13 @@ def load_runtime(model=None, device="cpu", dtype=None, config: ServeConfig | Non
     if lfm is None:
         from ..pipeline import LFM2Audio
 
-        lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device, fast=fast, threads=config.threads or 0,
+        lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device, fast=fast, threads=config.threads,
                                         quantize=quantize)
     elif fast:
         from ..generation.fast import FastLFM2Audio
 
         if not isinstance(lfm.model, FastLFM2Audio):
-            lfm.model = FastLFM2Audio(lfm.model, threads=config.threads or 0)
+            lfm.model = FastLFM2Audio(lfm.model, threads=config.threads)
     return Runtime(lfm, config)
 
 

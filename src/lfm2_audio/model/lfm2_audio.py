@@ -16,7 +16,7 @@ from ..config import AUDIO_VOCAB, END_OF_AUDIO, LFM2AudioConfig
 from ..errors import InputError
 from ..weights import check_tensors, read_tensors, tensor_shapes
 from ..generation.sampling import GREEDY, Sampling, sample
-from .conformer import ConformerEncoder, subsampled_length
+from .conformer import ConformerEncoder, pad_clips, subsampled_length
 from .depthformer import Depthformer, SharedEmbedding
 from .lfm2 import Lfm2Model
 
@@ -63,11 +63,7 @@ class LFM2AudioModel(nn.Module):
         """Log-mel clips, each [n_mels, T_i] -> adapter outputs [sum ceil(T_i / 8), hidden]."""
         if not features:
             return torch.zeros(0, self.cfg.lfm.hidden_size, dtype=self.dtype, device=self.device)
-        lengths = torch.tensor([f.shape[-1] for f in features], device=self.device)
-        batch = torch.zeros(len(features), features[0].shape[0], int(lengths.max()), dtype=self.dtype, device=self.device)
-        for i, f in enumerate(features):
-            batch[i, :, : f.shape[-1]] = f.to(self.dtype)
-        x, out_lens = self.conformer(batch, lengths)
+        x, out_lens = self.conformer(*pad_clips(features, self.dtype, self.device))
         x = torch.cat([x[i, : int(n)] for i, n in enumerate(out_lens)])
         return self.audio_adapter(x)
 

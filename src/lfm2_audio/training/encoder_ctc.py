@@ -34,10 +34,11 @@ from torch import nn
 
 from ..config import LFM2AudioConfig
 from ..errors import InputError
+from ..model.conformer import ConformerEncoder, pad_clips
 from ..processor import Tokenizer
 from .data import FIRST_REGULAR_ID, SampleStore, asr_transcript
 from .loss import freeze_batchnorm
-from .trainer import config_arguments, config_from_dict, init_weights, load_config_file, lr_at
+from .trainer import config_arguments, config_from_dict, init_weights, load_config_file, lr_at, param_groups
 
 ENCODER_FILE = "encoder.safetensors"
 
@@ -94,20 +95,14 @@ class EncoderCTC(nn.Module):
 
     def __init__(self, cfg: LFM2AudioConfig, vocab_size: int):
         super().__init__()
-        from ..model.conformer import ConformerEncoder
-
         self.cfg = cfg
         self.conformer = ConformerEncoder(cfg.encoder)
         self.ctc_head = CTCHead(cfg.encoder.d_model, vocab_size)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """Log-mel clips [n_mels, T_i] -> padded log-probabilities [T, N, V] and lengths."""
-        dtype = self.ctc_head.proj.weight.dtype
-        lengths = torch.tensor([f.shape[-1] for f in features])
-        batch = torch.zeros(len(features), features[0].shape[0], int(lengths.max()), dtype=dtype)
-        for i, f in enumerate(features):
-            batch[i, :, : f.shape[-1]] = f
-        x, out_lens = self.conformer(batch, lengths)
+        weight = self.ctc_head.proj.weight
+        x, out_lens = self.conformer(*pad_clips(features, weight.dtype, weight.device))
         return self.ctc_head(x).float().log_softmax(-1).transpose(0, 1), [int(n) for n in out_lens]
 
 
@@ -143,8 +138,10 @@ def load_clips(store: SampleStore, tok: Tokenizer, ctc_tok, limit: int | None = 
 
 
 def ctc_loss_per_token(model: EncoderCTC, clips) -> torch.Tensor:
-    log_probs, lengths = model([f for f, _, _ in clips])
-    targets = [t for _, _, t in clips]
+    return _ctc_per_token(*model([f for f, _, _ in clips]), [t for _, _, t in clips])
+
+
+def _ctc_per_token(log_probs: torch.Tensor, lengths: list[int], targets: list[torch.Tensor]) -> torch.Tensor:
     loss = F.ctc_loss(log_probs, torch.cat(targets), torch.tensor(lengths), torch.tensor([t.numel() for t in targets]),
                       blank=0, reduction="sum", zero_infinity=True)
     return loss / sum(t.numel() for t in targets)
@@ -155,13 +152,22 @@ def evaluate(model: EncoderCTC, clips, ctc_tok, autocast) -> dict:
 
     model.eval()
     with torch.no_grad(), autocast():
-        loss = float(ctc_loss_per_token(model, clips))
         log_probs, lengths = model([f for f, _, _ in clips])
+        loss = float(_ctc_per_token(log_probs, lengths, [t for _, _, t in clips]))
     model.train()
     freeze_batchnorm(model)
     hyps = [ctc_tok.decode(ids) for ids in greedy_decode(log_probs, lengths)]
     return {"val_ctc": round(loss, 4), "val_wer": round(wer([t for _, t, _ in clips], hyps), 4),
             "example": hyps[0], "reference": clips[0][1]}
+
+
+def encoder_file(path) -> Path:
+    """An encoder.safetensors, given as the file or its directory."""
+    path = Path(path)
+    path = path / ENCODER_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise InputError(f"pretrained encoder not found: {path}")
+    return path
 
 
 def save_encoder(model: EncoderCTC, output_dir: Path) -> Path:
@@ -195,10 +201,7 @@ def pretrain(cfg: EncoderPretrainConfig, log=print) -> dict:
     if cfg.init_from:
         from safetensors.torch import load_file
 
-        path = Path(cfg.init_from)
-        path = path / ENCODER_FILE if path.is_dir() else path
-        if not path.is_file():
-            raise InputError(f"init_from: no {ENCODER_FILE} at {cfg.init_from}")
+        path = encoder_file(cfg.init_from)
         missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
         if missing or unexpected:
             raise InputError(f"init_from {path} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -213,10 +216,7 @@ def pretrain(cfg: EncoderPretrainConfig, log=print) -> dict:
     log(f"encoder CTC: {len(train)} training clips, {len(val)} validation clips "
         f"({np.mean([t.numel() for _, _, t in train]):.1f} targets per clip), loaded in {time.time() - t0:.0f} s")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_bias" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_bias" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else (
         lambda: torch.autocast("cpu", enabled=False))
     log_file = (output_dir / "log.jsonl").open("a")
@@ -259,11 +259,7 @@ def load_pretrained_encoder(model, path) -> None:
     every conformer tensor must be there with the model's shape."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / ENCODER_FILE
-    if not path.is_file():
-        raise InputError(f"pretrained encoder not found: {path}")
+    path = encoder_file(path)
     saved = {k: v for k, v in load_file(str(path)).items() if k.startswith("conformer.")}
     own = {k: v for k, v in model.state_dict().items() if k.startswith("conformer.")}
     missing = sorted(set(own) - set(saved))

@@ -256,3 +256,15 @@ def test_busy_server_answers_503_and_others_are_unaffected(server, client):
     assert len(results) == 4 and all(n > 0 for n in results)
     assert wait_idle(rt) == 0
     assert client.post("/v1/audio/speech", json={"input": "now?", "max_tokens": 4}).status_code == 200
+
+
+def test_transcription_is_capped_by_the_audio_length(server, client, monkeypatch):
+    # as in LFM2Audio.transcribe: 10 tokens per second of audio + 16 (1.78 s -> 33), under the
+    # server's max_transcript_tokens (40), so a model caught in a loop stops early
+    rt, seen = server.runtime, []
+    reply = type(rt).reply
+    monkeypatch.setattr(type(rt), "reply", lambda self, s, turns, params, *a, **kw:
+                        seen.append(params.max_new_tokens) or reply(self, s, turns, params, *a, **kw))
+    with open(QUESTION, "rb") as f:
+        assert client.post("/v1/audio/transcriptions", files={"file": ("q.wav", f)}).status_code == 200
+    assert seen == [33]

@@ -141,7 +141,7 @@ def test_arithmetic_answers_are_right():
             assert key == [max(a, b) if "small" not in qa.question and "less" not in qa.question else min(a, b)], qa
         elif qa.family == "successor":
             # ("one more than two": the question's first number may be the "one")
-            n = _numbers(qa.answer)[0]
+            n = _numbers(qa.answer)[-1]  # "Nine comes after eight."
             assert n in _numbers(qa.question) and key == [n + 1 if "after" in qa.answer else n - 1], qa
         else:
             continue
@@ -152,9 +152,14 @@ def test_arithmetic_answers_are_right():
 
 def test_every_answer_states_its_key_and_follow_ups_add_up():
     numeric = {"plus", "minus", "times", "divided", "double", "half", "compare", "successor"}
+    key_first = {"compare", "successor", "day", "month", "opposite", "capital", "plural", "baby"}
     for qa in synth.question_family():
         if qa.family not in numeric:  # (the numeric ones are checked above)
             assert answer_correct(qa.answer, qa.key, qa.question), qa
+        if qa.family in key_first:  # within the first interleave chunk of 6 text tokens
+            words = normalize_text(qa.answer).split()
+            key = normalize_text(qa.key).split()
+            assert key == words[int(qa.family == "baby"):][:len(key)], qa
     rng = random.Random(0)
     prev = synth.QA("What is seven plus five?", "Seven plus five is twelve.", "twelve", "plus", 12)
     for _ in range(50):
@@ -216,7 +221,10 @@ def test_answer_matching():
     assert not answer_correct("Five plus zero is six.", "five", "What is five plus zero?")
     assert answer_correct("Five plus zero is five.", "five", "What is five plus zero?")
     assert answer_correct("The plural of sheep is sheep.", "sheep", "What is the plural of sheep?")
-    assert not answer_correct("Thirty-seven is bigger.", "thirty-seven", "Which is bigger, thirty-seven or ten?")
+    assert answer_correct("Sheep is the plural of sheep.", "sheep", "What is the plural of sheep?")
+    assert answer_correct("Thirty-seven is bigger.", "thirty-seven", "Which is bigger, thirty-seven or ten?")
+    assert not answer_correct("Thirty-seven or ten.", "thirty-seven", "Which is bigger, thirty-seven or ten?")
+    assert not answer_correct("Ten is bigger.", "thirty-seven", "Which is bigger, thirty-seven or ten?")
     assert answer_correct("The bigger number is 37.", "thirty-seven", "Which is bigger, thirty-seven or ten?")
     assert answer_correct("The capital of France is Paris.", "Paris", "What is the capital of France?")
 

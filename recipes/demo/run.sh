@@ -45,6 +45,7 @@ fi
 if run precompute; then
   stamp "precompute: log-mel inputs, codec codes for speech outputs, token ids"
   mkdir -p "$data/assets/codec"
+  rm -rf "$data/samples"  # precompute writes only into empty directories
   cp "$codec/config.json" "$codec/codebooks.safetensors" "$data/assets/codec/"
   # audio paths are relative to the JSONL file, so the recipe's splits live beside the synth output
   cat "$data"/synth/train-*.jsonl > "$data/synth/recipe-all.jsonl"

@@ -157,7 +157,8 @@ def answer_correct(reply: str, key: str, question: str = "") -> bool:
     """Whether the reply states the key value. Numbers match as whole numbers ("twelve", "12").
     When the key is also a word of the question (five plus zero is five; the plural of sheep),
     an echo of the question would contain it, so it must be stated as the answer: right after
-    "is"/"are"/"equals"/"makes", or as the reply's last word."""
+    "is"/"are"/"equals"/"makes", as the reply's last word, or as its first word followed by
+    "is"/"are"/"comes" ("sheep is the plural of sheep", "one comes before two")."""
     r = collapse_numbers(normalize_text(reply).split())
     k = collapse_numbers(normalize_text(key).split())
     q = set(collapse_numbers(normalize_text(question).split()))
@@ -166,7 +167,9 @@ def answer_correct(reply: str, key: str, question: str = "") -> bool:
     hits = [i for i in range(len(r) - len(k) + 1) if r[i:i + len(k)] == k]
     if not set(k) <= q:
         return bool(hits)
-    return any((i > 0 and r[i - 1] in ("is", "are", "equals", "makes")) or i + len(k) == len(r) for i in hits)
+    stated = ("is", "are", "equals", "makes")
+    return any((i > 0 and r[i - 1] in stated) or i + len(k) == len(r)
+               or (i == 0 and r[len(k)] in ("is", "are", "comes")) for i in hits)
 
 
 # ---- the judge ---------------------------------------------------------------------------------

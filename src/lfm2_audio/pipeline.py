@@ -21,15 +21,13 @@ import torch
 from .audio.io import load_audio
 from .codec import load_codec
 from .errors import InputError
-from .generation.chat import SYSTEM_PROMPTS, VOICES, Conversation
+from .generation.chat import SYSTEM_PROMPTS, VOICES, Conversation, transcript_token_cap
 from .generation.generate import Event, generate
 from .generation.sampling import GREEDY, Sampling
 from .model.lfm2_audio import LFM2AudioModel, parse_device, resolve_checkpoint
 from .processor import Tokenizer
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-model"
-
-MAX_TRANSCRIPT_TOKENS_PER_S = 10
 
 # The reference README's settings for each task.
 CHAT_AUDIO = Sampling(temperature=1.0, top_k=4)
@@ -139,8 +137,7 @@ class LFM2Audio:
             audio = Path(audio)  # a string here is a file name, never text to read
         rate = self.model.cfg.preprocessor.sample_rate
         wave = load_audio(audio, sample_rate, target_rate=rate)
-        # Nobody speaks 10 tokens a second: a longer transcript is a decoding loop, not speech.
-        max_new_tokens = min(max_new_tokens, MAX_TRANSCRIPT_TOKENS_PER_S * len(wave) // rate + 16)
+        max_new_tokens = min(max_new_tokens, transcript_token_cap(len(wave) / rate))
         conv = self.chat(system=SYSTEM_PROMPTS["asr"])
         reply = self.complete(conv, wave, mode="sequential", audio_sampling=GREEDY,
                               max_new_tokens=max_new_tokens, sample_rate=rate)

@@ -29,6 +29,15 @@ SYSTEM_PROMPTS = {
     "tts-uk-female": "Perform TTS. Use the UK female voice.",
 }
 VOICES = ("us-male", "us-female", "uk-male", "uk-female")
+# Nobody speaks 10 tokens a second: a longer transcript is a decoding loop, not speech.
+MAX_TRANSCRIPT_TOKENS_PER_S = 10
+
+
+def transcript_token_cap(seconds: float) -> int:
+    """Most tokens a transcript of `seconds` of audio may take before ASR decoding is cut off."""
+    return int(MAX_TRANSCRIPT_TOKENS_PER_S * seconds) + 16
+
+
 DEFAULT_MAX_CONTEXT = 32768
 INITIAL_CAPACITY = 1024
 

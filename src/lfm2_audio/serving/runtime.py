@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..generation.chat import SYSTEM_PROMPTS, VOICES
+from ..generation.chat import SYSTEM_PROMPTS, VOICES, transcript_token_cap
 from .audio import CodecWorker, StreamDecoder
 from .engine import Engine, EngineClosed, EngineFull, Session
 from .metrics import Metrics
@@ -397,10 +397,12 @@ class Runtime:
         """Speech -> text on a session of its own. Yields text pieces, then the end Chunk."""
         from ..generation.sampling import GREEDY
 
+        seconds = features.value.shape[-1] * self.lfm.model.cfg.preprocessor.window_stride
+        max_new_tokens = min(max_new_tokens or self.config.max_transcript_tokens, transcript_token_cap(seconds))
         session = await self.open_session(SYSTEM_PROMPTS["asr"])
         try:
             params = ReplyParams(mode="sequential", text_sampling=GREEDY, audio_sampling=GREEDY,
-                                 max_new_tokens=max_new_tokens or self.config.max_transcript_tokens,
+                                 max_new_tokens=max_new_tokens,
                                  stop_at_audio=True)
             async for chunk in self.reply(session, [("user", [features])], params, audio=False, t0=t0):
                 yield chunk

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--question-seconds", type=float, default=4.0)
     ap.add_argument("--engine", default="fast", choices=["fast", "plain"])
+    ap.add_argument("--vocoder", default=None, choices=["hifigan", "griffin-lim"], help="the demo codec's vocoder")
     args = ap.parse_args(argv)
 
     import torch
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     torch.set_flush_denormal(True)
     t0 = time.perf_counter()
-    lfm = LFM2Audio.from_pretrained(args.model, fast=args.engine == "fast", threads=args.threads)
+    lfm = LFM2Audio.from_pretrained(args.model, fast=args.engine == "fast", threads=args.threads, vocoder=args.vocoder)
     out = {"model": args.model or "demo", "threads": args.threads, "engine": args.engine,
            "load_s": round(time.perf_counter() - t0, 2)}
 

@@ -203,6 +203,8 @@ def start_server(args, max_sessions: int) -> tuple[subprocess.Popen, str]:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     cmd += ["--engine", args.engine]
+    if args.vocoder:
+        cmd += ["--vocoder", args.vocoder]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []
@@ -232,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vad", default="auto")
     ap.add_argument("--engine", choices=("fast", "plain"), default="fast")
+    ap.add_argument("--vocoder", choices=("hifigan", "griffin-lim"), default=None,
+                    help="the demo codec's vocoder on the server (default: hifigan)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--chunk-ms", type=int, default=40, help="microphone chunk length sent per message")
     ap.add_argument("--json", default=None, help="also write the results here")

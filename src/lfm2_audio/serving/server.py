@@ -16,7 +16,7 @@ log = logging.getLogger("lfm2_audio.serving")
 
 
 def load_runtime(model=None, device="cpu", dtype=None, config: ServeConfig | None = None, fast: bool = False,
-                 lfm=None, quantize: str | None = None) -> Runtime:
+                 lfm=None, quantize: str | None = None, vocoder: str | None = None) -> Runtime:
     """A Runtime over a checkpoint (or an already loaded LFM2Audio `lfm`)."""
     config = config or ServeConfig()
     if config.threads:
@@ -27,7 +27,7 @@ def load_runtime(model=None, device="cpu", dtype=None, config: ServeConfig | Non
         from ..pipeline import LFM2Audio
 
         lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device, fast=fast, threads=config.threads,
-                                        quantize=quantize)
+                                        quantize=quantize, vocoder=vocoder)
     elif fast:
         from ..generation.fast import FastLFM2Audio
 
@@ -85,7 +85,8 @@ def serve(args) -> int:
                       queue_timeout=args.queue_timeout, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                       max_new_tokens=args.max_new_tokens, shutdown_timeout=args.shutdown_timeout, vad=args.vad,
                       threads=args.threads)
-    rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast", quantize=args.quantize)
+    rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast",
+                      quantize=args.quantize, vocoder=args.vocoder)
     server = make_server(rt, args.host, args.port, args.log_level)
     server.run()
     return 0 if not getattr(server, "force_exit", False) else 1

@@ -310,3 +310,45 @@ def test_records_load_as_training_conversations(tmp_path):
         assert conv[0].role == "system"
         seg = conv[2].content[0]
         assert isinstance(seg, data.Interleaved) and sf.info(seg.audio.source).samplerate == 24000
+
+
+def test_tts_evaluation_scores_the_model_espeak_and_the_codec_round_trip(tmp_path):
+    # stand-ins: a "model" that always speaks a tone, a codec whose round trip halves the audio,
+    # and a judge that hears the sentence only in espeak's full-length clip
+    import torch
+
+    from lfm2_audio.evaluation import eval_tts
+
+    rate, text = 24000, "The red dog watched the river."
+    (tmp_path / "a").mkdir()
+    sf.write(tmp_path / "a" / "x.wav", np.sin(np.arange(rate) / 7).astype(np.float32) * 0.3, rate)
+    rec = {"id": "test-tts-000000", "meta": {"text": text, "voice_name": "us-male"},
+           "messages": [{"role": "assistant", "content": [{"type": "audio", "path": "a/x.wav"}]}]}
+
+    class Codec:
+        can_encode, sample_rate = True, rate
+
+        def encode(self, x):
+            return x[:, : x.shape[1] // 2]
+
+        def decode(self, codes):
+            return codes
+
+    class Reply:
+        frames, reason, sample_rate = torch.zeros(12, 8), "end_of_turn", rate
+        audio = np.zeros(rate // 4, np.float32)
+
+    class Model:
+        codec = Codec()
+
+        def speak(self, text, **kw):
+            return Reply()
+
+    class Judge:
+        def transcribe(self, wave, r):
+            return text if len(wave) > 0.9 * r else "the dog"
+
+    out = eval_tts(Model(), [rec], tmp_path, Judge(), log=lambda s: None)
+    assert out["judge_wer_espeak"] == 0.0
+    assert out["judge_wer"] == out["judge_wer_codec"] == pytest.approx(4 / 6)
+    assert out["items"][0]["judge_on_codec"] == "the dog"

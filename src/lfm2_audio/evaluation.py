@@ -8,7 +8,9 @@ The test sets are those `training/synth.py` writes (held-out sentences, held-out
 - ASR: word error rate against the reference text, and the real-time factor.
 - TTS: intelligibility as the word error rate of an independent ASR judge (Whisper base) on the
   model's speech, next to the same judge's WER on espeak's own audio of the same sentences and
-  voices (espeak itself is far from 0%); the median pitch of the male and female voices.
+  voices (espeak itself is far from 0%), and on the codec's own round trip of espeak's audio
+  (decode(encode(x)): what any model speaking through that codec could reach at best); the
+  median pitch of the male and female voices.
 - Speech to speech: answer accuracy, in the text reply (the key value is there) and in the
   audio reply (the judge's transcript has it), next to the judge's accuracy on espeak's audio of
   the reference answers; time to first audio and audio frames per second. Each conversation
@@ -302,8 +304,10 @@ def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
              max_new_tokens: int = 1024, log=print) -> dict:
     from .training.synth import pitch_track
 
-    refs, hyps, espeak_hyps, items = [], [], [], []
+    refs, hyps, espeak_hyps, codec_hyps, items = [], [], [], [], []
     f0 = {"model": {}, "espeak": {}}
+    # The codec's own round trip of espeak's audio bounds what any model could say through it.
+    codec = lfm.codec if judge is not None and getattr(lfm.codec, "can_encode", False) else None
     frames, busy, spoken = 0, 0.0, 0.0
     for i, rec in enumerate(records):
         text, voice = rec["meta"]["text"], rec["meta"]["voice_name"]
@@ -330,6 +334,14 @@ def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
             hyps.append(hyp)
             espeak_hyps.append(ref_hyp)
             item.update(judge=hyp, judge_on_espeak=ref_hyp)
+            if codec is not None:
+                import soxr
+                import torch
+
+                x, sr = _read_audio(root, _segments(rec, "assistant")[0], codec.sample_rate)
+                y = codec.decode(codec.encode(torch.from_numpy(x)[None]))[0].numpy()
+                codec_hyps.append(judge.transcribe(soxr.resample(y, sr, JUDGE_RATE).astype(np.float32), JUDGE_RATE))
+                item.update(judge_on_codec=codec_hyps[-1])
         items.append(item)
         if (i + 1) % 50 == 0:
             log(f"  tts {i + 1}/{len(records)}" + (f": judge WER so far {wer(refs, hyps):.3f} "
@@ -338,6 +350,8 @@ def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
            "seconds": busy, "audio_seconds": spoken, "pitch": _pitch_summary(f0), "items": items}
     if judge is not None:
         out.update(judge_wer=wer(refs, hyps), judge_wer_espeak=wer(refs, espeak_hyps))
+        if codec is not None:
+            out.update(judge_wer_codec=wer(refs, codec_hyps))
     return out
 
 
@@ -444,6 +458,8 @@ def table(report: dict) -> str:
         if "judge_wer" in r:
             rows += [("TTS", "judge WER on the model's speech", _pct(r["judge_wer"]), r["n"]),
                      ("TTS", "judge WER on espeak's speech", _pct(r["judge_wer_espeak"]), r["n"])]
+            if "judge_wer_codec" in r:
+                rows.append(("TTS", "judge WER on the codec's round trip of it", _pct(r["judge_wer_codec"]), r["n"]))
         for src in ("model", "espeak"):
             p = r["pitch"].get(src)
             if p:
@@ -480,6 +496,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="audio sampling seed (and the test sets' seed)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--vocoder", default=None, choices=["hifigan", "griffin-lim"],
+                    help="demo model's mel codec only: the vocoder that makes the audio (default: hifigan)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         ensure_test_sets(data, max(args.test_size, args.limit or 0), args.seed)
-        lfm = LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        lfm = LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, vocoder=args.vocoder)
     except (InputError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -518,7 +536,7 @@ def run(args: argparse.Namespace) -> int:
         log("this checkpoint has no codec: audio is scored by frame counts only (no judge, no pitch)")
 
     report = {"model": str(args.model or "demo"), "data": str(data), "limit": args.limit, "seed": args.seed,
-              "judge": "whisper-base (faster-whisper, int8, greedy)" if judge else None}
+              "judge": "whisper-base (faster-whisper, int8, greedy)" if judge else None, "vocoder": args.vocoder}
     t0 = time.time()
     for task in tasks:
         records = read_records(data / f"test-{task}.jsonl")[: args.limit]

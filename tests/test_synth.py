@@ -141,7 +141,7 @@ def test_arithmetic_answers_are_right():
             assert key == [max(a, b) if "small" not in qa.question and "less" not in qa.question else min(a, b)], qa
         elif qa.family == "successor":
             # ("one more than two": the question's first number may be the "one")
-            n = _numbers(qa.answer)[-1]  # "Nine comes after eight."
+            n = _numbers(qa.answer)[0]
             assert n in _numbers(qa.question) and key == [n + 1 if "after" in qa.answer else n - 1], qa
         else:
             continue
@@ -152,14 +152,9 @@ def test_arithmetic_answers_are_right():
 
 def test_every_answer_states_its_key_and_follow_ups_add_up():
     numeric = {"plus", "minus", "times", "divided", "double", "half", "compare", "successor"}
-    key_first = {"compare", "successor", "day", "month", "opposite", "capital", "plural", "baby"}
     for qa in synth.question_family():
         if qa.family not in numeric:  # (the numeric ones are checked above)
             assert answer_correct(qa.answer, qa.key, qa.question), qa
-        if qa.family in key_first:  # within the first interleave chunk of 6 text tokens
-            words = normalize_text(qa.answer).split()
-            key = normalize_text(qa.key).split()
-            assert key == words[int(qa.family == "baby"):][:len(key)], qa
     rng = random.Random(0)
     prev = synth.QA("What is seven plus five?", "Seven plus five is twelve.", "twelve", "plus", 12)
     for _ in range(50):

@@ -331,11 +331,12 @@ def question_family() -> tuple[QA, ...]:
     """Every question of the family: 86 wordings x their values, 12,639 questions (and 15
     follow-up wordings, see `follow_up`), in a fixed order.
 
-    Fact replies put the key first ("Oslo is the capital of Norway."): an interleaved reply
-    has only 6 text tokens before its first 12 audio frames, and a small model recalls a fact
-    far less often after that audio run (the demo model trained on key-last replies answered
-    69% of held-out questions whose key fell within the first 6 tokens, 8% of the others).
-    Arithmetic keeps its "a plus b is c" order: the echoed operands lead to the result."""
+    Replies restate the question before the key ("The capital of Norway is Oslo."), although
+    the key then often falls after the 6 text tokens that precede an interleaved reply's first
+    audio: the restatement is what the model answers from. Trained on key-first replies ("Oslo
+    is the capital of Norway."), the demo recipe's model guessed keys of the wrong family
+    ("Havana is the capital." for an opposite) and answered 12 of 24 held-out questions, as
+    many as with restated ones, at a higher validation loss (1.43 against 1.36)."""
     w, out = number_words, []
 
     def add(templates, fill: dict, answer: str, key: str, family: str, value=None):
@@ -362,34 +363,34 @@ def question_family() -> tuple[QA, ...]:
     pairs = random.Random(f"{FORMAT}/compare").sample([(a, b) for a in range(101) for b in range(101) if a != b], 600)
     for a, b in pairs:
         big, small = w(max(a, b)), w(min(a, b))
-        add(_BIGGER, {"a": w(a), "b": w(b)}, f"{_cap(big)} is the bigger number.", big, "compare", max(a, b))
-        add(_SMALLER, {"a": w(a), "b": w(b)}, f"{_cap(small)} is the smaller number.", small, "compare", min(a, b))
+        add(_BIGGER, {"a": w(a), "b": w(b)}, f"The bigger number is {big}.", big, "compare", max(a, b))
+        add(_SMALLER, {"a": w(a), "b": w(b)}, f"The smaller number is {small}.", small, "compare", min(a, b))
     for i, d in enumerate(DAYS):
         nxt, prv = DAYS[(i + 1) % 7], DAYS[i - 1]
-        add(_DAY_AFTER, {"d": d}, f"{nxt} comes after {d}.", nxt, "day", nxt)
-        add(_DAY_BEFORE, {"d": d}, f"{prv} comes before {d}.", prv, "day", prv)
+        add(_DAY_AFTER, {"d": d}, f"The day after {d} is {nxt}.", nxt, "day", nxt)
+        add(_DAY_BEFORE, {"d": d}, f"The day before {d} is {prv}.", prv, "day", prv)
     for i, m in enumerate(MONTHS):
         nxt, prv = MONTHS[(i + 1) % 12], MONTHS[i - 1]
-        add(_MONTH_AFTER, {"d": m}, f"{nxt} comes after {m}.", nxt, "month", nxt)
-        add(_MONTH_BEFORE, {"d": m}, f"{prv} comes before {m}.", prv, "month", prv)
+        add(_MONTH_AFTER, {"d": m}, f"The month after {m} is {nxt}.", nxt, "month", nxt)
+        add(_MONTH_BEFORE, {"d": m}, f"The month before {m} is {prv}.", prv, "month", prv)
     for a in range(1, 100):
-        add(_NUMBER_AFTER, {"a": w(a)}, f"{_cap(w(a + 1))} comes after {w(a)}.", w(a + 1), "successor", a + 1)
-        add(_NUMBER_BEFORE, {"a": w(a)}, f"{_cap(w(a - 1))} comes before {w(a)}.", w(a - 1), "successor", a - 1)
+        add(_NUMBER_AFTER, {"a": w(a)}, f"The number after {w(a)} is {w(a + 1)}.", w(a + 1), "successor", a + 1)
+        add(_NUMBER_BEFORE, {"a": w(a)}, f"The number before {w(a)} is {w(a - 1)}.", w(a - 1), "successor", a - 1)
     for x, y in OPPOSITES:
-        add(_OPPOSITE, {"w": x}, f"{_cap(y)} is the opposite of {x}.", y, "opposite")
-        add(_OPPOSITE, {"w": y}, f"{_cap(x)} is the opposite of {y}.", x, "opposite")
+        add(_OPPOSITE, {"w": x}, f"The opposite of {x} is {y}.", y, "opposite")
+        add(_OPPOSITE, {"w": y}, f"The opposite of {y} is {x}.", x, "opposite")
     for x, y in OPPOSITES_ONE_WAY:
-        add(_OPPOSITE, {"w": x}, f"{_cap(y)} is the opposite of {x}.", y, "opposite")
+        add(_OPPOSITE, {"w": x}, f"The opposite of {x} is {y}.", y, "opposite")
     for thing, subj, n in HAS_FACTS:
         add(_HAS, {"thing": thing, "subj": subj}, f"{_cap(subj)} has {w(n)} {thing}.", w(n), "count", n)
     for x, c in COLOURS:
         add(_COLOUR, {"x": x}, f"{_cap(x)} is {c}.", c, "colour")
     for country, city in CAPITALS:
-        add(_CAPITAL, {"c": country}, f"{city} is the capital of {country}.", city, "capital")
+        add(_CAPITAL, {"c": country}, f"The capital of {country} is {city}.", city, "capital")
     for x, p in PLURALS:
-        add(_PLURAL, {"w": x}, f"{_cap(p)} is the plural of {x}.", p, "plural")
+        add(_PLURAL, {"w": x}, f"The plural of {x} is {p}.", p, "plural")
     for x, b in BABIES:
-        add(_BABY, {"a": x}, f"{_cap(_article(b))} {b} is a baby {x}.", b, "baby")
+        add(_BABY, {"a": x}, f"A baby {x} is called {_article(b)} {b}.", b, "baby")
     return tuple(out)
 
 
@@ -423,7 +424,7 @@ def follow_up(prev: QA, rng: random.Random, split: str) -> QA | None:
     elif prev.family in ("day", "month"):
         seq = DAYS if prev.family == "day" else MONTHS
         nxt = seq[(seq.index(prev.value) + 1) % len(seq)]
-        answer = f"{nxt} comes after {prev.value}."
+        answer = f"The {prev.family} after {prev.value} is {nxt}."
         options = [(q, answer, nxt, nxt, prev.family) for q in _FOLLOW_NEXT]
     options = [o for o in options if question_split(o[0]) == split]
     if not options:

@@ -49,9 +49,12 @@ class GriffinLim(nn.Module):
             raise InputError("GriffinLim needs win_size == n_fft and n_fft a multiple of the hop")
         self.iterations, self.lookahead = int(iterations), int(lookahead)
         basis = _mel_basis(c.sampling_rate, c.n_fft, c.num_mels, float(c.fmin), float(c.fmax)).double().numpy()
-        self.basis = torch.from_numpy(basis).float()  # [80, 513]
-        self.pinv = torch.from_numpy(np.linalg.pinv(basis)).float()  # [513, 80]
-        self.gram = torch.from_numpy(basis.T @ basis).float()  # [513, 513]
+        # Bins above fmax carry no mel weight: they stay silent, and the least squares skip them.
+        self.bins = int(np.nonzero(basis.sum(0))[0].max()) + 1
+        basis = basis[:, : self.bins]
+        self.basis = torch.from_numpy(basis).float()  # [80, bins]
+        self.pinv = torch.from_numpy(np.linalg.pinv(basis)).float()  # [bins, 80]
+        self.gram = torch.from_numpy(basis.T @ basis).float()  # [bins, bins]
         n = np.arange(c.n_fft)
         self.window = (0.5 - 0.5 * np.cos(2 * np.pi * n / c.n_fft)).astype(np.float32)  # periodic Hann
         self.hop = c.hop_size
@@ -65,7 +68,7 @@ class GriffinLim(nn.Module):
         target = m @ self.basis  # M^T m
         for _ in range(NNLS_STEPS):  # Lee-Seung: s <- s * M^T m / M^T M s, stays non-negative
             s *= target / (s @ self.gram).clamp_(min=1e-9)
-        return s.numpy()
+        return torch.nn.functional.pad(s, (0, self.cfg.n_fft // 2 + 1 - self.bins)).numpy()
 
     @functools.lru_cache(maxsize=64)
     def inverse_window_sum(self, frames: int) -> np.ndarray:
@@ -119,8 +122,8 @@ class GriffinLimStream:
     def _analyse(self, wave: np.ndarray, first: int, count: int) -> np.ndarray:
         """STFT frames first..first+count-1 of an overlap-added signal (frame f starts at f * hop)."""
         gl, hop, N = self.gl, self.gl.hop, self.gl.cfg.n_fft
-        idx = (first + np.arange(count))[:, None] * hop + np.arange(N)[None]
-        return np.fft.rfft(wave[:, idx] * gl.window, axis=-1)
+        frames = np.lib.stride_tricks.sliding_window_view(wave, N, axis=-1)[:, first * hop::hop][:, :count]
+        return np.fft.rfft(frames * gl.window, axis=-1)
 
     def _run(self, new_mag: np.ndarray, final: bool) -> np.ndarray:
         gl = self.gl

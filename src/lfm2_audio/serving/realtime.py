@@ -276,6 +276,9 @@ class RealtimeConnection:
             if self.session is not None:
                 self.session.close()
             sender.cancel()
+            # let it finish cancelling: if the loop stops right after (server shutdown), a
+            # still-pending task would be destroyed with an error in the log
+            await asyncio.gather(sender, return_exceptions=True)
 
     async def _open_conversation(self) -> None:
         system = chat_system_prompt(self.config.instructions, self.config.voice)

@@ -278,7 +278,10 @@ class RealtimeConnection:
             sender.cancel()
             # let it finish cancelling: if the loop stops right after (server shutdown), a
             # still-pending task would be destroyed with an error in the log
-            await asyncio.gather(sender, return_exceptions=True)
+            try:
+                await asyncio.gather(sender, return_exceptions=True)
+            except asyncio.CancelledError:
+                pass  # cancelled again meanwhile; an exception already on its way still propagates
 
     async def _open_conversation(self) -> None:
         system = chat_system_prompt(self.config.instructions, self.config.voice)

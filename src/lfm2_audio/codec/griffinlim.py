@@ -18,13 +18,16 @@ the output lags the input by LOOKAHEAD hops plus half a window less half a hop (
 52 ms). Whole-utterance `forward` is the same stream pushed once and flushed: every frame is
 then re-estimated together, so it is not sample-equal to a stream pushed frame by frame.
 
-Cost: a push of 7 frames (80 ms of speech) is ~50 FFTs of 1024 points per row, well under a
-millisecond of arithmetic, against ~27 ms for HiFi-GAN on 2 threads.
+Measured on a 2-core CPU, 80 ms code frames streamed one at a time: 3.3 ms per frame on one
+thread, against 70 ms (one thread) or 42 ms (two) for HiFi-GAN. The price is quality: the
+Whisper-base judge's WER on the mel codec's round trip of 60 held-out espeak sentences is 70.9%
+through Griffin-Lim, 50.1% through HiFi-GAN (43.1% on espeak's own audio).
 """
 
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import torch
 from torch import nn

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from lfm2_audio.config import VOCODERS
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "lfm2_audio" / "assets" / "examples"
 
 
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--question-seconds", type=float, default=4.0)
     ap.add_argument("--engine", default="fast", choices=["fast", "plain"])
-    ap.add_argument("--vocoder", default=None, choices=["hifigan", "griffin-lim"], help="the demo codec's vocoder")
+    ap.add_argument("--vocoder", default=None, choices=VOCODERS, help="the demo codec's vocoder")
     args = ap.parse_args(argv)
 
     import torch

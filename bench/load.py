@@ -42,6 +42,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from lfm2_audio.config import VOCODERS
+
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = ROOT / "src" / "lfm2_audio" / "assets" / "examples" / "question.wav"
 RATE = 24000
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vad", default="auto")
     ap.add_argument("--engine", choices=("fast", "plain"), default="fast")
-    ap.add_argument("--vocoder", choices=("hifigan", "griffin-lim"), default=None,
+    ap.add_argument("--vocoder", choices=VOCODERS, default=None,
                     help="the demo codec's vocoder on the server (default: hifigan)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--chunk-ms", type=int, default=40, help="microphone chunk length sent per message")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import VOCODERS
 from .errors import InputError
 
 
@@ -184,7 +185,7 @@ def _serve_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--max-sessions", type=int, default=16, help="concurrent conversations (cache rows)")
     p.add_argument("--max-context", type=int, default=4096, help="positions per conversation")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="default reply length (tokens + frames)")
-    p.add_argument("--vocoder", default=None, choices=["hifigan", "griffin-lim"],
+    p.add_argument("--vocoder", default=None, choices=VOCODERS,
                    help="demo model's mel codec only: griffin-lim costs ~10x less CPU per second of speech, "
                         "sounds rougher (default: hifigan)")
     _engine_args(p)

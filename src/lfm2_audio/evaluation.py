@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import VOCODERS
 from .training.synth import _ONES, _TENS, number_words, ordinal_words
 
 TASKS = ("asr", "tts", "s2s")
@@ -496,7 +497,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="audio sampling seed (and the test sets' seed)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--vocoder", default=None, choices=["hifigan", "griffin-lim"],
+    ap.add_argument("--vocoder", default=None, choices=VOCODERS,
                     help="demo model's mel codec only: the vocoder that makes the audio (default: hifigan)")
 
 

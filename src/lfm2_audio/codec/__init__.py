@@ -96,7 +96,7 @@ class CodecInterface:
 
 def load_codec(path: str | Path, device="cpu", vocoder: str | None = None):
     """The codec a checkpoint directory ships: the LFM2.5 detokenizer if present, else Mimi,
-    else the demo model's mel codec (whose vocoder may be chosen: melcodec.VOCODERS)."""
+    else the demo model's mel codec (whose vocoder may be chosen: config.VOCODERS)."""
     path = Path(path)
     if vocoder is not None and not (path / "codec" / "config.json").exists():
         raise InputError(f"a vocoder can only be chosen for the demo model's mel codec; {path} has none")

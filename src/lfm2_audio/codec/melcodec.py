@@ -46,7 +46,7 @@ import soxr
 import torch
 from torch import nn
 
-from ..config import AUDIO_CODES
+from ..config import AUDIO_CODES, VOCODERS
 from ..errors import InputError
 from . import CodecInterface, check_wave
 from .hifigan import Generator, HifiganConfig, generator_from_state_dict, load_universal_hifigan, mel_spectrogram
@@ -56,7 +56,6 @@ CODEBOOKS_FILE = "codebooks.safetensors"
 VOCODER_FILE = "vocoder.safetensors"  # optional: folded HiFi-GAN weights shipped with the codec
 RESAMPLE_QUALITY = "HQ"
 DENSE_MAX_FRAMES = 250  # longer decodes go through the stream in pieces: bounded memory (20 s)
-VOCODERS = ("hifigan", "griffin-lim")
 
 
 @dataclass

@@ -234,6 +234,12 @@ def test_griffin_lim_inverts_the_mel_whole_and_streamed():
         assert sum(p.shape[-1] for p in parts) == max(0, 256 * pushed - gl.lookahead_samples())
     parts.append(stream.flush())
     assert mel_error(torch.cat(parts, -1)) < 1.2 * whole
+    # without look-ahead every frame is committed at once; flush still returns the held-back tail
+    no_lookahead = GriffinLim(lookahead=0)
+    eager = no_lookahead.stream(1)
+    parts = [eager.push(mel[..., i:i + 7]) for i in range(0, n, 7)]
+    assert parts[0].shape[-1] == 7 * 256 - no_lookahead.lookahead_samples()
+    assert sum(p.shape[-1] for p in parts + [eager.flush()]) == 256 * n
     # rows of a batch are independent
     both = GriffinLim().stream(2)
     out = torch.cat([both.push(torch.cat([mel, mel])[..., :30]), both.flush()], -1)

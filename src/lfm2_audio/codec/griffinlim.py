@@ -131,8 +131,9 @@ class GriffinLimStream:
     def _run(self, new_mag: np.ndarray, final: bool) -> np.ndarray:
         gl = self.gl
         mag = np.concatenate([self.pending_mag, new_mag], axis=1)
-        if mag.shape[1] == 0:
+        if mag.shape[1] == 0 and not final:
             return np.zeros((self.batch, 0), np.float32)
+        # (at flush with nothing pending, as with lookahead=0, only the held-back tail remains)
         phase = self.pending_phase
         # new frames start from the phase a steady sinusoid would have one hop later
         k = np.arange(mag.shape[-1], dtype=np.float32)
@@ -147,7 +148,7 @@ class GriffinLimStream:
         phase = np.concatenate([phase, (last[:, None, :] + steps * advance) % (2 * np.pi)], axis=1)
         spec = mag * np.exp(1j * phase).astype(np.complex64)
         nf = self.fixed.shape[1]
-        for _ in range(gl.iterations):
+        for _ in range(gl.iterations if mag.shape[1] else 0):
             wave = self._synthesise(np.concatenate([self.fixed, spec], axis=1))
             est = self._analyse(wave, nf, mag.shape[1])
             spec = (est * (mag / np.maximum(np.abs(est), 1e-9))).astype(np.complex64)  # keep the phase

@@ -40,8 +40,18 @@ def sample(logits: torch.Tensor, params: Sampling = GREEDY, generator: torch.Gen
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = logits.float() / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+    k = params.top_k
+    if k is not None and k < logits.shape[-1] and params.top_p is None and logits.device.type == "cpu":
+        # Draw among the k best only: the same distribution, and a multinomial over k columns
+        # instead of the vocabulary (2049 for audio codes) is most of a sampled frame's cost.
+        # A tie with the k-th value keeps every tied entry (the rule below), so ties take the
+        # full path; the check is a host sync, free on CPU only.
+        top, idx = logits.topk(k, dim=-1)
+        if not bool(((logits >= top[..., -1:]).sum(-1) > k).any()):
+            pick = torch.multinomial(top.softmax(-1).reshape(-1, k), 1, generator=generator)
+            return idx.reshape(-1, k).gather(1, pick).reshape(logits.shape[:-1])
+    if k is not None and k < logits.shape[-1]:
+        kth = logits.topk(k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -8,7 +8,7 @@ import torch
 
 from lfm2_audio.config import END_OF_AUDIO
 from lfm2_audio.errors import InputError
-from lfm2_audio.generation.chat import Conversation
+from lfm2_audio.generation.chat import Conversation, embed_pending
 from lfm2_audio.generation.generate import generate
 from lfm2_audio.generation.sampling import Sampling, sample
 
@@ -57,6 +57,25 @@ def test_cache_across_turns_equals_full_prefill(tiny_model, tokenizer):
     h_full = _full_recompute(conv)[-1]
     assert torch.allclose(h_incremental, h_full, atol=1e-5, rtol=1e-4)
     assert conv.cache.max_len == len(conv.record.modality)
+
+
+def test_turns_of_several_conversations_embed_in_one_encoder_batch(tiny_model, tokenizer):
+    convs = []
+    for seconds, freq in ((1.2, 220), (0.5, 330), (2.0, 440)):
+        c = Conversation(tiny_model, tokenizer)
+        c.turn("user", "listen:", tone(seconds, freq=freq), sample_rate=16000)
+        convs.append(c)
+    convs.append(Conversation(tiny_model, tokenizer, system="text only"))
+    alone = []
+    for c in convs:
+        saved = list(c.pending)
+        alone.append(c.pending_embeddings())
+        c.pending = saved
+    together = embed_pending(convs)
+    assert [e.shape for e in together] == [e.shape for e in alone]
+    for a, b in zip(together, alone):  # padded to the longest clip, the same vectors
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(c.pending == [] for c in convs)
 
 
 class Scripted:

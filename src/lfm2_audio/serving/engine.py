@@ -43,7 +43,7 @@ from ..audio.features import log_mel
 from ..audio.io import load_audio
 from ..config import MODALITY_AUDIO_OUT
 from ..errors import InputError
-from ..generation.chat import Conversation
+from ..generation.chat import Conversation, embed_pending
 from ..generation.generate import Event
 from ..generation.sampling import Sampling, sample
 from .reply import ReplyMachine, ReplyParams
@@ -380,21 +380,42 @@ class Engine:
                     conv.end_turn()
                 reply = ReplyMachine(conv, req.params)
                 reply.open_turn()
-                emb = conv.pending_embeddings()
             except InputError as e:
                 # A turn that does not fit leaves a half-queued prompt behind: the conversation
                 # cannot go on, but its error is the caller's to see.
                 s.broken = f"conversation unusable after an earlier error: {e}"
                 self._fail(req, str(e), code="invalid_request")
                 continue
-            except Exception as e:  # internal failure (e.g. the encoder): report, keep serving
+            except Exception as e:  # internal failure: report, keep serving
                 log.exception("prefill preparation failed")
                 s.broken = f"conversation unusable after an internal error: {e}"
                 self._fail(req, f"internal error: {e}", code="internal_error")
                 continue
-            req.reply, req.prompt_positions = reply, emb.shape[0]
-            s.active, s.prefill_emb, s.state = req, emb, "prefill"
+            # Embedded (audio through the encoder) by _embed_new, together with every other
+            # turn that arrived meanwhile.
+            req.reply, req.prompt_positions = reply, sum(p.positions for p in conv.pending)
+            s.active, s.prefill_emb, s.state = req, None, "prefill"
             self.prefill_queue.append(s)
+
+    def _embed_new(self) -> None:
+        """Embed the prompts of the sessions that joined the prefill queue since the last call,
+        their audio clips in one encoder batch."""
+        new = [s for s in self.prefill_queue if s.prefill_emb is None]
+        if not new:
+            return
+        try:
+            embedded = embed_pending([s.conv for s in new])
+        except Exception as e:  # internal failure (e.g. the encoder): report, keep serving
+            log.exception("prefill preparation failed")
+            for s in new:
+                self.prefill_queue.remove(s)
+                req = s.active
+                s.broken = f"conversation unusable after an internal error: {e}"
+                self._fail(req, f"internal error: {e}", code="internal_error")
+                self._reply_finished(s)
+            return
+        for s, emb in zip(new, embedded):
+            s.prefill_emb = emb
 
     def _reply_finished(self, s: Session) -> None:
         s.active, s.state = None, "idle"
@@ -446,11 +467,15 @@ class Engine:
         return max(16, int(self.prefill_budget / self._prefill_rate))
 
     def _prefill(self) -> None:
+        self._embed_new()
         budget = self._prefill_positions()
         t0 = time.perf_counter()
         ran = 0
         while self.prefill_queue and budget > 0:
             s = self.prefill_queue[0]
+            if s.prefill_emb is None:  # queued again by a reply that just finished
+                self._embed_new()
+                continue
             req = s.active
             emb = s.prefill_emb
             n = min(budget, emb.shape[0], self.prefill_chunk)

@@ -452,7 +452,8 @@ class RealtimeConnection:
             self.detector = None
             return
         self.detector = TurnDetector(settings)
-        self.vad = self.rt.vad.stream(lambda p, end: self.loop.call_soon_threadsafe(self._on_vad, p, end))
+        inbox = self.rt.inbox(self.loop)
+        self.vad = self.rt.vad.stream(lambda p, end: inbox.post(self._on_vad, p, end))
         self.vad.samples = self.buffer.end  # decisions come back in absolute sample indices
 
     # ---- input audio ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,39 @@ def check_voice(voice) -> str:
     return voice
 
 
+class LoopInbox:
+    """Calls from worker threads onto one event loop, many per wake-up.
+
+    `call_soon_threadsafe` wakes the loop through its self-pipe on every call. The engine
+    emits an event per session per step and the VAD a score per session per chunk: at 16
+    sessions, thousands of wake-ups a second, each a system call and a trip through the loop.
+    Here calls queue up and one wake-up runs every call that arrived meanwhile, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.calls: deque = deque()
+        self.scheduled = False
+
+    def post(self, fn, *args) -> None:
+        """Any thread. Raises RuntimeError once the loop is closed."""
+        self.calls.append((fn, args))
+        if not self.scheduled:
+            # A post racing with _run may schedule one run too many, never one too few: _run
+            # clears the flag before it empties the queue.
+            self.scheduled = True
+            self.loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        self.scheduled = False
+        calls = self.calls
+        while calls:
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("callback from a worker thread failed")
+
+
 class ReplyStream:
     """The events of one engine request as Chunks, audio decoded on the codec worker.
 
@@ -98,7 +132,7 @@ class ReplyStream:
     def __init__(self, runtime: "Runtime", session: Session, turns, params: ReplyParams, audio: bool,
                  t0: float | None = None):
         self.runtime = runtime
-        self.loop = asyncio.get_running_loop()
+        self.inbox = runtime.inbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pushed = self.popped = 0
         self.overflow = False
@@ -118,7 +152,7 @@ class ReplyStream:
             self.overflow = True
             self.request.cancel()
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self.inbox.post(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
             pass
 
@@ -275,8 +309,16 @@ class Runtime:
         self.replies = 0
         self.draining = False
         self.connections: set = set()  # realtime connections, told when the server stops
+        self._inboxes: dict = {}  # event loop -> LoopInbox
         self.started_at = time.time()
         self._register_gauges()
+
+    def inbox(self, loop: asyncio.AbstractEventLoop) -> LoopInbox:
+        """The inbox of `loop` (the server's, or another front end's such as Gradio's)."""
+        box = self._inboxes.get(loop)
+        if box is None:
+            box = self._inboxes[loop] = LoopInbox(loop)
+        return box
 
     @property
     def has_audio_output(self) -> bool:

@@ -180,6 +180,11 @@ def test_sampling_rules():
     assert torch.allclose(freq, torch.tensor([5.0, 4.0, 3.0]).div(2).softmax(-1), atol=0.035)
     tied = torch.tensor([[3.0, 3.0, 3.0, 0.0]]).repeat(600, 1)  # a tie at the k-th value keeps all three
     assert set(sample(tied, Sampling(temperature=1, top_k=2), g).tolist()) == {0, 1, 2}
+    mixed = torch.tensor([[3.0, 3.0, 3.0, 0.0], [4.0, 3.0, 2.0, 1.0]]).repeat(300, 1)  # ties in some rows only
+    drawn = sample(mixed, Sampling(temperature=1, top_k=2), g).view(300, 2)
+    assert set(drawn[:, 0].tolist()) == {0, 1, 2} and set(drawn[:, 1].tolist()) == {0, 1}
+    one = sample(torch.tensor([1.0, 2.0, 3.0]), Sampling(temperature=1, top_k=2), g)  # one row, as generate() passes
+    assert one.shape == () and one.item() in (1, 2)
     drawn = sample(big, Sampling(temperature=1, top_p=0.5), g)
     assert set(drawn.tolist()) <= {0, 1} and 0 in drawn.tolist()
     freq = (sample(torch.tensor([[0.0, math.log(3.0)]]).repeat(4000, 1), Sampling(1.0), g) == 1).float().mean()

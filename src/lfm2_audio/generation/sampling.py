@@ -42,14 +42,18 @@ def sample(logits: torch.Tensor, params: Sampling = GREEDY, generator: torch.Gen
     logits = logits.float() / params.temperature
     k = params.top_k
     if k is not None and k < logits.shape[-1] and params.top_p is None and logits.device.type == "cpu":
-        # Draw among the k best only: the same distribution, and a multinomial over k columns
-        # instead of the vocabulary (2049 for audio codes) is most of a sampled frame's cost.
-        # A tie with the k-th value keeps every tied entry (the rule below), so ties take the
-        # full path; the check is a host sync, free on CPU only.
+        # Draw among the k best only: the same distribution as the rule below, and a
+        # multinomial over k columns instead of the vocabulary (2049 for audio codes) was most
+        # of a sampled frame's cost. Entries tied with the k-th value all stay, as below (bf16
+        # logits tie often); counting them is a host sync, free on CPU only.
         top, idx = logits.topk(k, dim=-1)
-        if not bool(((logits >= top[..., -1:]).sum(-1) > k).any()):
-            pick = torch.multinomial(top.softmax(-1).reshape(-1, k), 1, generator=generator)
-            return idx.reshape(-1, k).gather(1, pick).reshape(logits.shape[:-1])
+        kth = top[..., -1:]
+        kept = int((logits >= kth).sum(-1).max())
+        if kept > k:
+            top, idx = logits.topk(kept, dim=-1)
+            top = top.masked_fill(top < kth, float("-inf"))
+        pick = torch.multinomial(top.softmax(-1).reshape(-1, kept), 1, generator=generator)
+        return idx.reshape(-1, kept).gather(1, pick).reshape(logits.shape[:-1])
     if k is not None and k < logits.shape[-1]:
         kth = logits.topk(k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -210,3 +210,41 @@ def test_context_limit_and_bad_input_are_errors_for_that_session_only(engine, ti
     assert sum(e.kind == "text" or e.kind == "audio" for e in c_other.events) == 60
     for s in (small, other, tight):
         s.close()
+
+
+def test_codec_process_decodes_as_the_thread_does_and_survives_its_child():
+    import asyncio
+    import os
+    import signal
+
+    from lfm2_audio.serving.audio import BrokenProcessPool, CodecWorker
+    from lfm2_audio.serving.testing import tiny_codec
+
+    codec = tiny_codec()
+    frames = [torch.randint(0, 2048, (8,)) for _ in range(7)]
+
+    async def stream(worker):
+        dec = worker.decoder()
+        parts = [await dec.decode(frames[:3]), await dec.decode(frames[3:])]
+        return np.concatenate(parts + [await dec.flush()])
+
+    thread, child = CodecWorker(codec, process=False), CodecWorker(codec, process=True)
+    try:
+        assert not thread.process and child.process
+        expected = asyncio.run(stream(thread))
+        assert expected.size > 0
+        np.testing.assert_array_equal(asyncio.run(stream(child)), expected)
+
+        async def after_a_kill():
+            pid = next(iter(child.pool._processes))
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(BrokenProcessPool):  # the reply in flight fails ...
+                for _ in range(50):
+                    await child.decoder().decode(frames[:1])
+                    await asyncio.sleep(0.05)
+            return await stream(child)  # ... and the next one gets a fresh child
+
+        np.testing.assert_array_equal(asyncio.run(after_a_kill()), expected)
+    finally:
+        thread.close()
+        child.close()

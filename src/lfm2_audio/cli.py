@@ -188,6 +188,9 @@ def _serve_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--vocoder", default=None, choices=VOCODERS,
                    help="demo model's mel codec only: griffin-lim costs ~10x less CPU per second of speech, "
                         "sounds rougher (default: hifigan)")
+    p.add_argument("--codec-worker", default="auto", choices=["auto", "process", "thread"],
+                   help="where audio is decoded: a child process (auto: when the codec is on the CPU) "
+                        "keeps it from slowing the engine; a thread shares the engine's process")
     _engine_args(p)
 
 

@@ -51,6 +51,10 @@ class ServeConfig:
     vad: str = "auto"  # auto | silero | energy
     threads: int | None = None
     switch_interval: float | None = 0.0002  # seconds (sys.setswitchinterval); None leaves it
+    codec_process: bool | None = None  # decode in a child process; None: when the codec is on the CPU
+
+
+CODEC_WORKERS = {"auto": None, "process": True, "thread": False}  # --codec-worker -> ServeConfig.codec_process
 
 
 class Busy(Exception):
@@ -240,6 +244,8 @@ class ReplyStream:
         finally:
             if not self.request.done:
                 self.request.cancel()  # the consumer left early (client gone): stop the work
+            if self.decoder is not None:
+                self.decoder.close()
             self.runtime.replies -= 1
 
     LOW_WATER = 0.3  # seconds of sent audio left to play below which frames are decoded at once
@@ -301,7 +307,7 @@ class Runtime:
                              prefill_chunk=c.prefill_chunk, prefill_budget=c.prefill_budget,
                              on_slot_freed=self._slot_freed)
         self.engine.step_observers.append(lambda dt, n: self.metrics.step.observe(dt))
-        self.codec = CodecWorker(lfm.codec)
+        self.codec = CodecWorker(lfm.codec, process=c.codec_process)
         self.vad: VadWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._freed: asyncio.Event | None = None

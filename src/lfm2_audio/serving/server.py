@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .runtime import Runtime, ServeConfig
+from .runtime import CODEC_WORKERS, Runtime, ServeConfig
 
 log = logging.getLogger("lfm2_audio.serving")
 
@@ -87,7 +87,7 @@ def serve(args) -> int:
     cfg = ServeConfig(model_name=args.model_name, max_sessions=args.max_sessions, max_context=args.max_context,
                       queue_timeout=args.queue_timeout, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                       max_new_tokens=args.max_new_tokens, shutdown_timeout=args.shutdown_timeout, vad=args.vad,
-                      threads=args.threads)
+                      threads=args.threads, codec_process=CODEC_WORKERS[args.codec_worker])
     rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast",
                       quantize=args.quantize, vocoder=args.vocoder)
     server = make_server(rt, args.host, args.port, args.log_level)

@@ -13,8 +13,10 @@ lets the server's VAD end the turn, and reads the streamed answer. Reported per 
   errors       error events, failed or missing responses, connection failures.
   frames/s     aggregate audio frames generated per second (first commit -> last done), and the
                ratio to the single-session rate measured by running sessions one after another.
-  cpu ms/frame server CPU time (all its threads) per audio frame over the level: the measure
-               that holds on a machine shared with other work, where wall-clock rates do not.
+  cpu ms/frame server CPU time (all its threads and child processes) per audio frame over the
+               level: the measure that holds on a machine shared with other work, where
+               wall-clock rates do not. "client": the same for this load generator, which on
+               loopback takes its share of the same cores.
 
     python bench/load.py --tiny                       # a tiny random checkpoint (mechanics only)
     python bench/load.py --model DIR --sessions 1,4,16,64
@@ -52,11 +54,27 @@ SERVER_PID: int | None = None
 
 
 def server_cpu() -> float:
-    """CPU seconds the server process has used (user + system, all threads)."""
+    """CPU seconds the server has used (user + system, all threads), its child processes (the
+    codec's) included."""
     if SERVER_PID is None:
         return float("nan")
-    fields = Path(f"/proc/{SERVER_PID}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            stats[int(d.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, ticks
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo = 0, [SERVER_PID]
+    while todo:
+        pid = todo.pop()
+        ticks += stats.get(pid, (0, 0))[1]
+        todo += children.get(pid, [])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -166,7 +184,7 @@ def pct(values, q):
 
 
 async def run_level(url, n, pcm, silence, args) -> dict:
-    cpu0 = server_cpu()
+    cpu0, client0 = server_cpu(), time.process_time()
     streams = await asyncio.gather(*(session(url, pcm, silence, args.max_tokens, args.silence_ms, args.timeout)
                                      for _ in range(n)))
     good = [s for s in streams if s.ok]
@@ -174,8 +192,9 @@ async def run_level(url, n, pcm, silence, args) -> dict:
     rtf = [s.rtf for s in good if s.rtf is not None]
     frames = sum(s.frames for s in good)
     span = (max(s.t_done for s in good) - min(s.t_commit for s in good)) if good else float("nan")
-    cpu = server_cpu() - cpu0
-    return {"server_cpu_s": cpu, "cpu_ms_per_frame": 1000 * cpu / frames if frames else float("nan"),"sessions": n, "ok": len(good), "errors": n - len(good),
+    cpu, client = server_cpu() - cpu0, time.process_time() - client0
+    return {"server_cpu_s": cpu, "cpu_ms_per_frame": 1000 * cpu / frames if frames else float("nan"),
+            "client_cpu_ms_per_frame": 1000 * client / frames if frames else float("nan"), "sessions": n, "ok": len(good), "errors": n - len(good),
             "error_kinds": sorted({s.error for s in streams if s.error})[:5],
             "ttfa_p50": pct(ttfa, 50), "ttfa_p95": pct(ttfa, 95),
             "rtf_p50": pct(rtf, 50), "rtf_max": max(rtf) if rtf else float("nan"),
@@ -207,6 +226,7 @@ def start_server(args, max_sessions: int) -> tuple[subprocess.Popen, str]:
     cmd += ["--engine", args.engine]
     if args.vocoder:
         cmd += ["--vocoder", args.vocoder]
+    cmd += ["--codec-worker", args.codec_worker]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []
@@ -238,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", choices=("fast", "plain"), default="fast")
     ap.add_argument("--vocoder", choices=VOCODERS, default=None,
                     help="the demo codec's vocoder on the server (default: hifigan)")
+    ap.add_argument("--codec-worker", choices=("auto", "process", "thread"), default="auto",
+                    help="where the server decodes audio (serve --codec-worker)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--chunk-ms", type=int, default=40, help="microphone chunk length sent per message")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -266,14 +288,14 @@ def main(argv=None) -> int:
         print(f"single session, {seq['runs']} runs one after another: {seq['frames_per_s']:.1f} frames/s, "
               f"{seq['cpu_ms_per_frame']:.2f} server cpu ms/frame")
         print(f"{'N':>4} {'ok':>4} {'err':>4} {'TTFA p50':>9} {'TTFA p95':>9} {'RTF p50':>8} {'RTF max':>8} "
-              f"{'<1x RT':>7} {'stalls':>6} {'frames/s':>9} {'vs 1':>6} {'cpu ms/frame':>13}")
+              f"{'<1x RT':>7} {'stalls':>6} {'frames/s':>9} {'vs 1':>6} {'cpu ms/frame':>13} {'client':>7}")
         for n in levels:
             r = asyncio.run(run_level(url, n, pcm, silence, args))
             r["speedup_vs_sequential"] = r["frames_per_s"] / seq["frames_per_s"] if seq["frames_per_s"] else float("nan")
             results["levels"].append(r)
             print(f"{n:>4} {r['ok']:>4} {r['errors']:>4} {r['ttfa_p50'] * 1000:>7.0f}ms {r['ttfa_p95'] * 1000:>7.0f}ms "
                   f"{r['rtf_p50']:>8.2f} {r['rtf_max']:>8.2f} {r['faster_than_realtime']:>7} {r['stalls']:>6} "
-                  f"{r['frames_per_s']:>9.1f} {r['speedup_vs_sequential']:>5.1f}x {r['cpu_ms_per_frame']:>13.2f}"
+                  f"{r['frames_per_s']:>9.1f} {r['speedup_vs_sequential']:>5.1f}x {r['cpu_ms_per_frame']:>13.2f} {r['client_cpu_ms_per_frame']:>7.2f}"
                   + (f"  errors: {r['error_kinds']}" if r["errors"] else ""), flush=True)
     finally:
         if proc is not None:

@@ -335,8 +335,12 @@ class RealtimeConnection:
                 if tag is not None and tag in self.skip:
                     continue
                 try:
-                    await asyncio.wait_for(self.ws.send_text(text), self.rt.config.send_timeout)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancel that
+                    # lands as the send completes, and this task then waited on the empty queue
+                    # forever, holding its connection's handler open (and the server's shutdown).
+                    async with asyncio.timeout(self.rt.config.send_timeout):
+                        await self.ws.send_text(text)
+                except TimeoutError:
                     self._drop_slow_client()
                     return
                 except Exception:  # the client is gone; the receiver will notice
@@ -360,7 +364,8 @@ class RealtimeConnection:
 
     async def _abort(self, code: int, reason: str) -> None:
         try:
-            await asyncio.wait_for(self.ws.close(code, reason), 1.0)
+            async with asyncio.timeout(1.0):
+                await self.ws.close(code, reason)
         except Exception:
             pass
         # A client that reads nothing cannot complete the close handshake either: stop
@@ -679,8 +684,9 @@ class RealtimeConnection:
         r = self.response
         if r is not None and r.task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(r.task), 5.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(5.0):
+                    await asyncio.wait({r.task})  # neither cancels it nor raises its outcome
+            except TimeoutError:
                 pass
 
     async def _run_response(self, r: ActiveResponse) -> None:

@@ -192,8 +192,9 @@ class ReplyStream:
                         e = await self._next()
                     elif wait > 0:
                         try:
-                            e = await asyncio.wait_for(self._next(), wait)
-                        except asyncio.TimeoutError:
+                            async with asyncio.timeout(wait):
+                                e = await self._next()
+                        except TimeoutError:
                             pass
                 if e is None:  # the listener needs audio now
                     async for c in self._decode(pending):
@@ -421,8 +422,9 @@ class Runtime:
                 if left <= 0 or self.draining:
                     raise Busy(f"all {self.engine.max_sessions} sessions stayed busy for {wait:g} s; try again later")
                 try:
-                    await asyncio.wait_for(freed.wait(), min(left, 0.5))
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(min(left, 0.5)):
+                        await freed.wait()
+                except TimeoutError:
                     pass
         finally:
             self.waiting -= 1

@@ -248,3 +248,25 @@ def test_codec_process_decodes_as_the_thread_does_and_survives_its_child():
     finally:
         thread.close()
         child.close()
+
+
+def test_codec_process_starts_from_a_script_without_a_main_guard(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import asyncio, torch\n"
+        "from lfm2_audio.serving.audio import CodecWorker\n"
+        "from lfm2_audio.serving.testing import tiny_codec\n"
+        "print('script body runs', flush=True)\n"
+        "w = CodecWorker(tiny_codec(), process=True)\n"
+        "async def go():\n"
+        "    d = w.decoder()\n"
+        "    return (await d.decode([torch.zeros(8, dtype=torch.long)] * 3)).size\n"
+        "print('process', w.process, asyncio.run(go()), flush=True)\n"
+        "w.close()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("script body runs") == 1  # the child did not run the script again
+    assert "process True" in out.stdout and out.stderr == ""

@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import itertools
 import logging
 import multiprocessing
 import struct
+import sys
+import types
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from types import SimpleNamespace
 
 import numpy as np
 import soxr
@@ -86,6 +88,19 @@ class InputResampler:
         return self.stream.resample_chunk(samples.astype(np.float32, copy=False))
 
 
+@contextlib.contextmanager
+def _main_hidden():
+    """A spawned child imports the parent's __main__ again: a script without an
+    `if __name__ == "__main__":` guard would run once more there (load a model, start a server).
+    The child needs nothing from it, so it is hidden while the child starts."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def codec_on_cpu(codec) -> bool:
     device = getattr(codec, "device", None)
     if device is None:
@@ -105,13 +120,19 @@ class CodecWorker:
         self.pool = self._start()
 
     def _start(self):
-        if not self.process:
-            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm2-codec")
-        # spawn, not fork: this process already runs torch's thread pools.
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_child_init, initargs=(self.codec, self.threads))
-        pool.submit(_child_ping).result()  # start it now, not on the first reply's time to audio
-        return pool
+        if self.process:
+            # spawn, not fork: this process already runs torch's thread pools.
+            pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_child_init, initargs=(self.codec, self.threads))
+            try:
+                with _main_hidden():
+                    pool.submit(_child_ping).result()  # start it now, not on a reply's time to audio
+                return pool
+            except Exception:
+                log.warning("cannot start the codec process; decoding on a thread", exc_info=True)
+                pool.shutdown(wait=True, cancel_futures=True)
+                self.process = False
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm2-codec")
 
     @property
     def sample_rate(self) -> int | None:
@@ -142,7 +163,9 @@ class CodecWorker:
             pass
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # A process pool left without waiting writes to its closed wake-up pipe at exit
+        # (an ignored OSError); waiting costs at most the call in progress.
+        self.pool.shutdown(wait=self.process, cancel_futures=True)
 
 
 class StreamDecoder:
@@ -204,7 +227,7 @@ def flush_stream(stream) -> np.ndarray:
 # Module-level functions, so the pool can send them by name; the child keeps each reply's
 # stream under the id its StreamDecoder has in the parent.
 
-_child = SimpleNamespace(codec=None, streams={})
+_child = types.SimpleNamespace(codec=None, streams={})
 
 
 def _child_init(codec, threads: int) -> None:

@@ -93,6 +93,28 @@ def test_batched_decode_matches_rows(plain, fast):
     torch.testing.assert_close(outs[1], outs[0], **_close(fast))
 
 
+def test_ragged_batch_step_matches_plain(plain, fast):
+    """Rows at different positions in one cache (the serving engine's batch) take the fast
+    path too: per-row rotary angles, cache slots and key masks."""
+    D = plain.cfg.lfm.hidden_size
+    caches = [m.lfm.new_cache(3, 32) for m in (plain, fast)]
+    for row, n in enumerate((7, 2, 5)):  # each row's own prompt, prefilled alone
+        emb = torch.randn(1, n, D)
+        for m, c in zip((plain, fast), caches):
+            view = type(c)(conv=[t[row : row + 1] for t in c.conv], keys=[t[row : row + 1] for t in c.keys],
+                           values=[t[row : row + 1] for t in c.values], lengths=c.lengths[row : row + 1], max_len=0)
+            m.lfm(emb, view)
+    for c in caches:
+        c.max_len = 7
+    for _ in range(3):
+        step = torch.randn(3, 1, D)
+        outs = [m.lfm(step, c) for m, c in zip((plain, fast), caches)]
+        torch.testing.assert_close(outs[1], outs[0], **_close(fast))
+    assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [10, 5, 8] and caches[1].max_len == 10
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        torch.testing.assert_close(b[:, :, :10], a[:, :, :10], **_close(fast))
+
+
 @pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="needs oneDNN")
 def test_fast_bf16_prepacked():
     plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)

@@ -228,29 +228,39 @@ class FastBackbone:
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, cache=None, window: int | None = None) -> torch.Tensor:
-        if cache is None or window is not None or not _uniform(cache):
+        if cache is None or window is not None:
             return self.base(x, cache, window)
         return self.forward(x, cache)
 
     def forward(self, x: torch.Tensor, cache) -> torch.Tensor:
-        """x [B, S, D] new positions of rows that all have seen cache.max_len positions."""
+        """x [B, S, D] new positions; each row continues its own history (cache.lengths)."""
         B, S, D = x.shape
         start = cache.max_len
         end = start + S
         if end > cache.capacity:
             raise RuntimeError(f"cache holds {cache.capacity} positions, {end} needed")
-        cos, sin = self.rope(start, S, x.dtype, x.device)  # [S, hd]
-        # A single new position sees everything before it; a chunk after history needs the
-        # causal mask shifted by the history length; a chunk from position 0 is plain causal.
-        mask = None
-        if S > 1 and start > 0:
-            mask = (torch.arange(S, device=x.device)[:, None] + start) >= torch.arange(end, device=x.device)
+        if _uniform(cache):
+            cos, sin = self.rope(start, S, x.dtype, x.device)  # [S, hd]
+            # A single new position sees everything before it; a chunk after history needs the
+            # causal mask shifted by the history length; a chunk from position 0 is plain causal.
+            mask = None
+            if S > 1 and start > 0:
+                mask = (torch.arange(S, device=x.device)[:, None] + start) >= torch.arange(end, device=x.device)
+            slots = slice(start, end)
+        else:
+            # Rows at different positions (the serving engine's batch): per-row rotary angles,
+            # cache slots and masks over the keys up to the longest row, as the plain path.
+            positions = cache.lengths[:, None] + torch.arange(S, device=x.device)  # [B, S]
+            table_cos, table_sin = self.rope(0, end, x.dtype, x.device)
+            cos, sin = table_cos[positions][:, None], table_sin[positions][:, None]  # [B, 1, S, hd]
+            mask = (positions[:, :, None] >= torch.arange(end, device=x.device))[:, None]
+            slots = (torch.arange(B, device=x.device)[:, None], positions)
         x = x.reshape(B * S, D)  # rows x features for every matmul and norm
         conv_i = attn_i = 0
         for layer in self.layers:
             h = _rms_hf(x, layer.op_norm, layer.eps)
             if layer.attention:
-                h = self._attention(layer, h, B, S, cos, sin, cache.keys[attn_i], cache.values[attn_i], start, mask)
+                h = self._attention(layer, h, B, S, cos, sin, cache.keys[attn_i], cache.values[attn_i], slots, end, mask)
                 attn_i += 1
             else:
                 h = self._conv(layer, h, B, S, cache.conv[conv_i])
@@ -263,7 +273,7 @@ class FastBackbone:
         return _rms_hf(x, self.final_norm, self.eps).view(B, S, D)
 
     @staticmethod
-    def _attention(layer, h, B, S, cos, sin, k_cache, v_cache, start, mask):
+    def _attention(layer, h, B, S, cos, sin, k_cache, v_cache, slots, end, mask):
         H, KV, hd = layer.n_heads, layer.n_kv, layer.head_dim
         qkv = layer.qkv(h)
         qk = qkv[:, : (H + KV) * hd].view(B, S, H + KV, hd)
@@ -273,11 +283,14 @@ class FastBackbone:
         qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin  # rotate-half RoPE
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + KV) * hd :].view(B, S, KV, hd).transpose(1, 2)
-        end = start + S
-        k_cache[:, :, start:end] = k
-        v_cache[:, :, start:end] = v
+        if isinstance(slots, slice):  # every row at the same positions
+            k_cache[:, :, slots] = k
+            v_cache[:, :, slots] = v
+        else:  # (rows [B, 1], positions [B, S])
+            k_cache[slots[0], :, slots[1]] = k.transpose(1, 2)
+            v_cache[slots[0], :, slots[1]] = v.transpose(1, 2)
         k, v = k_cache[:, :, :end], v_cache[:, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=S > 1 and start == 0, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1, enable_gqa=True)
         return layer.out(out.transpose(1, 2).reshape(B * S, H * hd))
 
     @staticmethod

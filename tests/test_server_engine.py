@@ -270,3 +270,21 @@ def test_codec_process_starts_from_a_script_without_a_main_guard(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("script body runs") == 1  # the child did not run the script again
     assert "process True" in out.stdout and out.stderr == ""
+
+
+def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
+    from lfm2_audio.pipeline import LFM2Audio
+    from lfm2_audio.serving.runtime import Runtime, ServeConfig
+    from lfm2_audio.serving.testing import tiny_codec
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig())  # --threads not given
+        assert rt.codec.process and rt.codec.threads == 1 and torch.get_num_threads() == 1
+        rt.shutdown()
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(threads=2))  # given: both use it
+        assert rt.codec.threads == 2 and torch.get_num_threads() == 2
+        rt.shutdown()
+    finally:
+        torch.set_num_threads(before)

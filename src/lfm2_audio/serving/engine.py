@@ -145,7 +145,7 @@ class Session:
 
 class Engine:
     def __init__(self, model, tokenizer, max_sessions: int = 16, max_context: int = 4096,
-                 prefill_chunk: int = 2048, prefill_budget: float = 0.05,
+                 prefill_chunk: int = 2048, prefill_budget: float = 0.1,
                  on_slot_freed: Callable[[], None] | None = None):
         if max_sessions < 1:
             raise InputError("max_sessions must be at least 1")

@@ -117,6 +117,7 @@ class CodecWorker:
         self.codec = codec
         self.process = codec is not None and (codec_on_cpu(codec) if process is None else bool(process))
         self.threads = threads or torch.get_num_threads()
+        self._restart = None  # the replacement child starting
         self.pool = self._start()
 
     def _start(self):
@@ -150,9 +151,13 @@ class CodecWorker:
         except BrokenProcessPool:
             # The child died (killed, out of memory): the replies it was decoding fail, later
             # ones get a fresh child.
-            if self.pool is pool:
+            if self.pool is pool and self._restart is None:  # once, however many calls failed
                 log.error("codec process died; starting a new one")
-                self.pool = await asyncio.get_running_loop().run_in_executor(None, self._start)
+                self._restart = asyncio.get_running_loop().run_in_executor(None, self._start)
+                try:
+                    self.pool = await self._restart
+                finally:
+                    self._restart = None
             raise
 
     def post(self, fn, *args) -> None:

@@ -55,13 +55,18 @@ from ..model.quantize import Int8Linear, int8_dynamic_linear, int8_linear, use_i
 from .sampling import GREEDY, Sampling, sample
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def use_all_cores() -> int:
     """Run torch's intra-op pool on every core this process may use (decode is bandwidth-bound,
     and one core alone cannot saturate memory)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
+    n = usable_cores()
     torch.set_num_threads(n)
     return n
 

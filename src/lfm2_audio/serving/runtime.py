@@ -316,10 +316,13 @@ class Runtime:
         if not c.threads and self.codec.process:
             import torch
 
+            from ..generation.fast import usable_cores
+
             # The codec's child has a core to itself: the engine leaves it that core rather than
             # have two thread pools fight over it (on 2 cores: 244 against 138 frames/s at 16
-            # sessions, demo model).
-            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+            # sessions, demo model). From the core count, not the pool's current size, which a
+            # second Runtime in the same process would shrink again.
+            torch.set_num_threads(max(1, usable_cores() - 1))
         self.vad: VadWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._freed: asyncio.Event | None = None

@@ -44,7 +44,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from lfm2_audio.config import VOCODERS
+from lfm2_audio.config import CODEC_WORKERS, VOCODERS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = ROOT / "src" / "lfm2_audio" / "assets" / "examples" / "question.wav"
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", choices=("fast", "plain"), default="fast")
     ap.add_argument("--vocoder", choices=VOCODERS, default=None,
                     help="the demo codec's vocoder on the server (default: hifigan)")
-    ap.add_argument("--codec-worker", choices=("auto", "process", "thread"), default="auto",
+    ap.add_argument("--codec-worker", choices=list(CODEC_WORKERS), default="auto",
                     help="where the server decodes audio (serve --codec-worker)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--chunk-ms", type=int, default=40, help="microphone chunk length sent per message")

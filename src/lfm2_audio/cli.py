@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import VOCODERS
+from .config import CODEC_WORKERS, VOCODERS
 from .errors import InputError
 
 
@@ -188,7 +188,7 @@ def _serve_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--vocoder", default=None, choices=VOCODERS,
                    help="demo model's mel codec only: griffin-lim costs ~10x less CPU per second of speech, "
                         "sounds rougher (default: hifigan)")
-    p.add_argument("--codec-worker", default="auto", choices=["auto", "process", "thread"],
+    p.add_argument("--codec-worker", default="auto", choices=list(CODEC_WORKERS),
                    help="where audio is decoded: a child process (auto: when the codec is on the CPU) "
                         "keeps it from slowing the engine; a thread shares the engine's process")
     _engine_args(p)

@@ -119,7 +119,8 @@ def main(args) -> int:
     except ImportError:
         raise InputError("the demo needs Gradio: pip install 'lfm2-audio[demo]'") from None
     from .app import create_app
-    from .runtime import CODEC_WORKERS, ServeConfig
+    from ..config import CODEC_WORKERS
+    from .runtime import ServeConfig
     from .server import load_runtime, make_server
 
     cfg = ServeConfig(max_sessions=args.max_sessions, max_context=args.max_context, max_new_tokens=args.max_new_tokens,

@@ -58,9 +58,6 @@ class ServeConfig:
     codec_process: bool | None = None  # decode in a child process; None: when the codec is on the CPU
 
 
-CODEC_WORKERS = {"auto": None, "process": True, "thread": False}  # --codec-worker -> ServeConfig.codec_process
-
-
 class Busy(Exception):
     """No session could be had in time (HTTP 503, realtime error "server_busy")."""
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .runtime import CODEC_WORKERS, Runtime, ServeConfig
+from ..config import CODEC_WORKERS
+from .runtime import Runtime, ServeConfig
 
 log = logging.getLogger("lfm2_audio.serving")
 

@@ -388,8 +388,7 @@ class Engine:
                 continue
             except Exception as e:  # internal failure: report, keep serving
                 log.exception("prefill preparation failed")
-                s.broken = f"conversation unusable after an internal error: {e}"
-                self._fail(req, f"internal error: {e}", code="internal_error")
+                self._fail_internal(s, req, e)
                 continue
             # Embedded (audio through the encoder) by _embed_new, together with every other
             # turn that arrived meanwhile.
@@ -409,9 +408,7 @@ class Engine:
             log.exception("prefill preparation failed")
             for s in new:
                 self.prefill_queue.remove(s)
-                req = s.active
-                s.broken = f"conversation unusable after an internal error: {e}"
-                self._fail(req, f"internal error: {e}", code="internal_error")
+                self._fail_internal(s, s.active, e)
                 self._reply_finished(s)
             return
         for s, emb in zip(new, embedded):
@@ -424,6 +421,12 @@ class Engine:
     def _fail(self, req: Request, message: str, code: str = "error") -> None:
         self.stats.failed += 1
         self._emit_end(req, [Event("error", reason=message, text=code), Event("end", reason="error")])
+
+    def _fail_internal(self, s: Session, req: Request, e: Exception) -> None:
+        """An internal error ended `req`: its caller hears it, and the conversation (whose cache
+        may be half written) takes no more turns."""
+        s.broken = f"conversation unusable after an internal error: {e}"
+        self._fail(req, f"internal error: {e}", code="internal_error")
 
     def _emit(self, req: Request, events) -> None:
         if req.done:
@@ -486,8 +489,7 @@ class Engine:
             except Exception as e:
                 log.exception("prefill failed")
                 self.prefill_queue.popleft()
-                s.broken = f"conversation unusable after an internal error: {e}"
-                self._fail(req, f"internal error: {e}", code="internal_error")
+                self._fail_internal(s, req, e)
                 self._reply_finished(s)
                 continue
             budget -= n
@@ -555,8 +557,7 @@ class Engine:
             for s in list(self.rows[: self.n_decode]):
                 req = s.active
                 self._leave_decode(s)
-                s.broken = f"conversation unusable after an internal error: {e}"
-                self._fail(req, f"internal error: {e}", code="internal_error")
+                self._fail_internal(s, req, e)
                 self._reply_finished(s)
         dt = time.perf_counter() - t0
         self.stats.steps += 1

@@ -291,3 +291,33 @@ def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
         rt.shutdown()
     finally:
         torch.set_num_threads(before)
+
+
+def test_encoder_failure_ends_the_batch_and_breaks_only_those_conversations(engine, tiny_model, monkeypatch):
+    params = ReplyParams(max_new_tokens=8)
+    speech = [("user", [Features(features(tiny_model, 0.6, 220.0))])]
+    broken = [engine.open_session(), engine.open_session()]
+    sinks = [Collector(), Collector()]
+
+    def fail(clips):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(tiny_model, "encode_audio", fail)
+    with engine._lock:  # both turns reach the engine before its next iteration: one encoder batch
+        for s, sink in zip(broken, sinks):
+            s.submit(speech, params, sink)
+    for sink in sinks:
+        kinds = summary(sink.wait())
+        assert kinds[-1] == ("end", "error")
+        err = next(e for e in sink.events if e.kind == "error")
+        assert err.text == "internal_error" and "encoder exploded" in err.reason
+    monkeypatch.undo()
+    again = Collector()
+    broken[0].submit([("user", ["hello"])], params, again)
+    err = next(e for e in again.wait() if e.kind == "error")
+    assert "conversation unusable after an internal error: encoder exploded" in err.reason
+    fresh, ok = engine.open_session(), Collector()
+    fresh.submit(speech, params, ok)
+    assert ok.wait()[-1].kind == "end" and not any(e.kind == "error" for e in ok.events)
+    for s in broken + [fresh]:
+        s.close()

@@ -144,6 +144,43 @@ def test_concurrent_sessions_equal_alone(engine, tiny_model, tokenizer):
         s.close()
 
 
+def test_turns_that_arrive_together_are_prefilled_together(tiny_model, tokenizer):
+    """Prompts waiting at the same time go through the backbone in one batched call, rows at
+    their own positions (second turns after histories of different lengths); each session
+    still says what it says alone."""
+    params = ReplyParams(max_new_tokens=12)
+    turns = [[features(tiny_model, 0.3 + 0.2 * i, 250 + 40 * i), features(tiny_model, 0.5 - 0.1 * i, 400 + 30 * i)]
+             for i in range(3)]
+    want = [[summary(r) for r in reference(tiny_model, tokenizer, t, params)[1]] for t in turns]
+    e = Engine(tiny_model, tokenizer, max_sessions=4, max_context=1024)
+    sessions = [e.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024) for _ in turns]
+    first = [Collector() for _ in turns]
+    for s, c, t in zip(sessions, first, turns):
+        s.submit([("user", [Features(t[0])])], params, c)
+    with e:  # started now: all three first turns are waiting
+        got_first = [summary(c.wait()) for c in first]
+        assert e.stats.prefill_rows > e.stats.prefill_calls, "the first turns were prefilled one by one"
+        # Hold the engine thread inside a sink while the second turns are submitted, so that
+        # they all arrive at one iteration.
+        gate, held = threading.Event(), threading.Event()
+
+        def hold_engine(event):
+            if not held.is_set():
+                held.set()
+                gate.wait(10)
+
+        e.open_session(system="x").submit([("user", ["wait"])], ReplyParams(max_new_tokens=3), hold_engine)
+        assert held.wait(10)
+        calls, rows = e.stats.prefill_calls, e.stats.prefill_rows
+        second = [Collector() for _ in turns]
+        for s, c, t in zip(sessions, second, turns):
+            s.submit([("user", [Features(t[1])])], params, c)
+        gate.set()
+        got_second = [summary(c.wait()) for c in second]
+        assert e.stats.prefill_rows - rows >= 3 and e.stats.prefill_rows - rows > e.stats.prefill_calls - calls
+    assert [[a, b] for a, b in zip(got_first, got_second)] == want
+
+
 def test_cancel_stops_within_a_step_and_session_continues(engine, tiny_model, tokenizer):
     s = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024)
     c = Collector()

@@ -3,10 +3,11 @@
 One background thread owns the model and a slot cache (serving/slots.py) with one row per
 session. Each iteration it
   1. applies the commands other threads posted (open, submit, cancel, close, stop),
-  2. prefills queued prompt positions of waiting sessions, one session at a time on its own
-     row, for at most `prefill_budget` seconds while others are decoding (the number of
-     positions that fits is learnt as it runs), so a long prompt never stalls the others'
-     audio for long; with nobody decoding, everything waiting runs at once,
+  2. prefills queued prompt positions of every waiting session in one batched call (their
+     rows moved side by side after the decoding block), for at most `prefill_budget` seconds
+     while others are decoding (the number of positions that fits is learnt as it runs), so a
+     long prompt never stalls the others' audio for long; with nobody decoding, everything
+     waiting runs at once,
   3. takes one decode step for every session that is replying: one batched text-head pass
      for the rows in text mode, batched depthformer frames for the rows in audio mode (rows
      grouped by sampling settings; a row with its own seed samples alone so its random draws
@@ -73,6 +74,8 @@ class EngineStats:
     step_seconds: float = 0.0
     prefill_positions: int = 0
     prefill_seconds: float = 0.0
+    prefill_calls: int = 0  # batched backbone calls
+    prefill_rows: int = 0  # rows over those calls (rows / calls: how many prefilled together)
     tokens: int = 0
     frames: int = 0
     requests: int = 0
@@ -354,7 +357,6 @@ class Engine:
         s.active, s.waiting, s.state, s.prefill_emb = None, deque(), "closed", None
         self.slots.clear(s.row)
         self.rows[s.row], s.row = None, None
-        s.conv.cache = None
         self._release_admission()
 
     # ---- starting and ending replies --------------------------------------------------------
@@ -470,47 +472,60 @@ class Engine:
         return max(16, int(self.prefill_budget / self._prefill_rate))
 
     def _prefill(self) -> None:
-        self._embed_new()
+        """Run queued prompt positions, every waiting session in one batched backbone call
+        (rows at their own positions, as in a decode step): when many users end their turns
+        at once, one call over all of them costs a fraction of one call each."""
         budget = self._prefill_positions()
-        t0 = time.perf_counter()
-        ran = 0
+        ran, spent = 0, 0.0  # positions and seconds in the backbone (the encoder not counted)
         while self.prefill_queue and budget > 0:
-            s = self.prefill_queue[0]
-            if s.prefill_emb is None:  # queued again by a reply that just finished
-                self._embed_new()
-                continue
-            req = s.active
-            emb = s.prefill_emb
-            n = min(budget, emb.shape[0], self.prefill_chunk)
+            self._embed_new()  # turns queued since, also by replies that just finished
+            if not self.prefill_queue:
+                break
+            group = list(self.prefill_queue)
+            # Equal-length chunks for every row; at most prefill_chunk positions in all (the
+            # activations' memory), and the budget's share.
+            n = min(min(s.prefill_emb.shape[0] for s in group), max(1, self.prefill_chunk // len(group)),
+                    max(16, budget // len(group)))
+            first = self.n_decode
+            for j, s in enumerate(group):  # the rows side by side after the decoding block
+                self._move(s.row, first + j)
+            rows = range(first, first + len(group))
+            t0 = time.perf_counter()
             try:
-                s.conv.cache = self.slots.row(s.row)
-                h = s.conv.run(emb[:n])
-                self.slots.lengths[s.row] = s.conv.cache.max_len
+                x = torch.stack([s.prefill_emb[:n] for s in group])
+                h = self.model.lfm(x, self.slots.block(rows.start, rows.stop))
+                self.slots.advanced(rows, n)
             except Exception as e:
                 log.exception("prefill failed")
-                self.prefill_queue.popleft()
-                self._fail_internal(s, req, e)
-                self._reply_finished(s)
+                for s in group:
+                    self.prefill_queue.remove(s)
+                    s.prefill_emb = None
+                    self._fail_internal(s, s.active, e)
+                    self._reply_finished(s)
                 continue
-            budget -= n
-            ran += n
-            s.prefill_emb = emb[n:]
-            if s.prefill_emb.shape[0]:
-                continue  # the budget or the chunk size ran out: the loop decides
-            self.prefill_queue.popleft()
-            s.prefill_emb = None
-            req.reply.h = h[-1]
-            if req.done:  # cancelled while prefilling: close the turn quietly
-                req.reply.finish("cancelled")
-                self._reply_finished(s)
-            else:
-                self._enter_decode(s)
-        dt = time.perf_counter() - t0
+            spent += time.perf_counter() - t0
+            budget -= n * len(group)
+            ran += n * len(group)
+            self.stats.prefill_calls += 1
+            self.stats.prefill_rows += len(group)
+            for j, s in enumerate(group):
+                s.prefill_emb = s.prefill_emb[n:]
+                if s.prefill_emb.shape[0]:
+                    continue  # the budget or the chunk size ran out: the loop decides
+                self.prefill_queue.remove(s)
+                s.prefill_emb = None
+                req = s.active
+                req.reply.h = h[j, -1]
+                if req.done:  # cancelled while prefilling: close the turn quietly
+                    req.reply.finish("cancelled")
+                    self._reply_finished(s)
+                else:
+                    self._enter_decode(s)
         if ran:
-            rate = dt / ran
+            rate = spent / ran
             self._prefill_rate = rate if self._prefill_rate is None else 0.8 * self._prefill_rate + 0.2 * rate
         self.stats.prefill_positions += ran
-        self.stats.prefill_seconds += dt
+        self.stats.prefill_seconds += spent
 
     # ---- decode -----------------------------------------------------------------------------
 
@@ -645,7 +660,7 @@ class Engine:
         if audio_idx:
             x[audio_idx] = model.embed_audio_frames(torch.stack(audio_frames).to(model.device))
         n = len(block)
-        out = model.lfm(x[:, None], self.slots.block(n))[:, 0]
+        out = model.lfm(x[:, None], self.slots.block(0, n))[:, 0]
         self.slots.advanced(range(n))
         for i, s in enumerate(block):
             s.active.reply.h = out[i]

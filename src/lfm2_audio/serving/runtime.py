@@ -357,6 +357,8 @@ class Runtime:
         m.counter_fn("lfm2_generated_tokens_total", "Text tokens generated", lambda: s.tokens)
         m.counter_fn("lfm2_generated_frames_total", "Audio frames generated (80 ms each)", lambda: s.frames)
         m.counter_fn("lfm2_prefill_positions_total", "Prompt positions prefilled", lambda: s.prefill_positions)
+        m.counter_fn("lfm2_prefill_calls_total", "Batched prefill calls (rows over calls: prompts prefilled together)", lambda: s.prefill_calls)
+        m.counter_fn("lfm2_prefill_rows_total", "Prompt rows over the batched prefill calls", lambda: s.prefill_rows)
         m.counter_fn("lfm2_cancelled_total", "Replies cancelled", lambda: s.cancelled)
 
     # ---- lifecycle --------------------------------------------------------------------------

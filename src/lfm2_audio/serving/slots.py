@@ -5,7 +5,8 @@ position (`lengths` per row, masks per row). A decode step therefore needs the d
 in one tensor: we keep them packed at the front, rows [0, n_decoding), and slice that block
 (slices along dim 0 are views, so the step writes straight into the shared buffers). A row
 that starts or stops decoding swaps places with the row at the block's edge; a swap copies
-only the positions the two rows hold, once per reply, never per step.
+only the positions the two rows hold, once per reply, never per step. Rows being prefilled
+together sit side by side just after that block, for the same reason.
 
 Everything here runs on the engine thread.
 """
@@ -22,26 +23,16 @@ class SlotCache:
         self.slots, self.capacity = slots, capacity
         self.lengths = [0] * slots  # host mirror of cache.lengths: positions each row holds
 
-    def row(self, r: int) -> Lfm2Cache:
-        """A one-row cache viewing row r (what a Conversation runs its prefill on)."""
+    def block(self, start: int, stop: int) -> Lfm2Cache:
+        """Rows [start, stop) as one cache: the decoding block for a step, or the rows being
+        prefilled together."""
         c = self.cache
         return Lfm2Cache(
-            conv=[t[r : r + 1] for t in c.conv],
-            keys=[t[r : r + 1] for t in c.keys],
-            values=[t[r : r + 1] for t in c.values],
-            lengths=c.lengths[r : r + 1],
-            max_len=self.lengths[r],
-        )
-
-    def block(self, n: int) -> Lfm2Cache:
-        """Rows [0, n) as one cache, for a batched decode step."""
-        c = self.cache
-        return Lfm2Cache(
-            conv=[t[:n] for t in c.conv],
-            keys=[t[:n] for t in c.keys],
-            values=[t[:n] for t in c.values],
-            lengths=c.lengths[:n],
-            max_len=max(self.lengths[:n]),
+            conv=[t[start:stop] for t in c.conv],
+            keys=[t[start:stop] for t in c.keys],
+            values=[t[start:stop] for t in c.values],
+            lengths=c.lengths[start:stop],
+            max_len=max(self.lengths[start:stop]),
         )
 
     def advanced(self, rows, by: int = 1) -> None:

@@ -48,6 +48,10 @@ log = logging.getLogger("lfm2_audio.realtime")
 MIN_COMMIT_SAMPLES = RATE // 10  # OpenAI refuses to commit less than 100 ms
 TAIL_SAMPLES = RATE // 5  # audio kept after the last speech chunk when VAD commits
 KEEP_SAMPLES = 2 * RATE  # unspoken audio kept (beyond prefix padding) while waiting for speech
+# Log-mel of a turn up to this long runs on the event loop (~1.2 ms for 2.4 s of audio): when
+# many turns end together, a worker thread's round trip through the interpreter lock took
+# 50-70 ms per turn (16 sessions on 2 cores); longer clips still go to a thread.
+INLINE_FEATURES_SAMPLES = 8 * RATE
 
 
 def new_id(prefix: str) -> str:
@@ -538,7 +542,7 @@ class RealtimeConnection:
                             "status": "completed", "content": [{"type": "input_audio", "transcript": None}]}})
         self.last_item = item_id
         try:
-            feats = await asyncio.to_thread(self.rt.engine.features_16k, wave)
+            feats = await self._features(wave)
         except InputError as e:
             self.send_error(f"cannot use this audio: {e}", code="invalid_audio")
             return False
@@ -548,6 +552,11 @@ class RealtimeConnection:
             self.pending.append(("user", [feats]))
             self.t_turn_end = t_commit
         return True
+
+    async def _features(self, wave) -> Features:
+        if wave.size <= INLINE_FEATURES_SAMPLES:
+            return self.rt.engine.features_16k(wave)
+        return await asyncio.to_thread(self.rt.engine.features_16k, wave)
 
     async def _transcribe(self, item_id: str, feats: Features, t0: float) -> None:
         text = []
@@ -587,7 +596,7 @@ class RealtimeConnection:
             elif kind == "input_audio" and role == "user":
                 wave = decode_base64_pcm16(part.get("audio"))
                 wave = InputResampler(self.config.input_audio_sample_rate, RATE)(wave)
-                parts.append(await asyncio.to_thread(self.rt.engine.features_16k, wave))
+                parts.append(await self._features(wave))
             else:
                 raise InputError(f"unsupported content part {kind!r} for role {role}")
         item_id = item.get("id") or new_id("item")

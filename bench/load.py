@@ -191,7 +191,8 @@ async def run_level(url, n, pcm, silence, args) -> dict:
     ttfa = [s.ttfa for s in good if s.ttfa is not None]
     rtf = [s.rtf for s in good if s.rtf is not None]
     frames = sum(s.frames for s in good)
-    span = (max(s.t_done for s in good) - min(s.t_commit for s in good)) if good else float("nan")
+    t0 = min((s.t_commit for s in good), default=0.0)
+    span = (max(s.t_done for s in good) - t0) if good else float("nan")
     cpu, client = server_cpu() - cpu0, time.process_time() - client0
     return {"server_cpu_s": cpu, "cpu_ms_per_frame": 1000 * cpu / frames if frames else float("nan"),
             "client_cpu_ms_per_frame": 1000 * client / frames if frames else float("nan"), "sessions": n, "ok": len(good), "errors": n - len(good),
@@ -199,7 +200,12 @@ async def run_level(url, n, pcm, silence, args) -> dict:
             "ttfa_p50": pct(ttfa, 50), "ttfa_p95": pct(ttfa, 95),
             "rtf_p50": pct(rtf, 50), "rtf_max": max(rtf) if rtf else float("nan"),
             "faster_than_realtime": sum(r < 1 for r in rtf), "stalls": sum(s.stalls() for s in good),
-            "frames": frames, "frames_per_s": frames / span if good else 0.0}
+            "frames": frames, "frames_per_s": frames / span if good else 0.0,
+            # per stream (JSON only): when its turn was committed after the first commit, its
+            # time to first audio and to done, and the seconds of audio it got
+            "streams": [{"commit_s": round(s.t_commit - t0, 4), "ttfa_s": s.ttfa and round(s.ttfa, 4),
+                         "done_s": round(s.t_done - s.t_commit, 4), "audio_s": round(s.audio_samples / RATE, 3)}
+                        for s in good]}
 
 
 async def run_sequential(url, runs, pcm, silence, args) -> dict:

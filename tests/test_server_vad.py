@@ -78,6 +78,29 @@ def test_worker_keeps_each_sessions_order_and_gates_silence():
         assert all(p == 0.0 for _, p in v[:10])  # digital silence is never scored
 
 
+def test_silence_with_nothing_in_flight_is_scored_on_the_feeding_thread():
+    """A quiet microphone costs no wake-up of the worker thread; silence after speech still
+    waits for the speech's scores, so each session's order holds."""
+    worker = VadWorker(make_scorer("energy"))
+    got, threads = [], []
+    done = threading.Event()
+
+    def on(p, end):
+        got.append(end)
+        threads.append(threading.current_thread())
+        if len(got) == 14:
+            done.set()
+
+    stream = worker.stream(on)
+    stream.feed(np.zeros(4 * CHUNK, np.float32))
+    assert threads == [threading.current_thread()] * 4  # scored at once, here
+    stream.feed(np.concatenate([speech16k()[:6 * CHUNK], np.zeros(4 * CHUNK, np.float32)]))
+    assert done.wait(10)
+    worker.close()
+    assert got == [CHUNK * (k + 1) for k in range(14)]
+    assert all(t is worker.thread for t in threads[4:10])
+
+
 def test_turn_detector():
     d = TurnDetector(TurnSettings(threshold=0.5, silence_duration_ms=200))
     decisions = []

@@ -113,6 +113,8 @@ class VadStream:
         self.state = worker.scorer.new_state()
         self.pending = np.zeros(0, np.float32)
         self.samples = 0  # samples handed over in whole chunks
+        self.sent = 0  # chunks given to the worker (written by the feeding thread only)
+        self.scored = 0  # ... and scored by it (written by the worker only)
         self.closed = False
 
     def feed(self, samples: np.ndarray) -> None:
@@ -123,9 +125,14 @@ class VadStream:
             chunk = buf[i * CHUNK : (i + 1) * CHUNK]
             # Near-digital silence (what browsers' noise suppression sends between words, and
             # what a muted or idle microphone sends) is scored 0 without the network: most of a
-            # voice session is the user listening.
-            silent = float(np.sqrt(np.mean(chunk * chunk))) < SILENCE_RMS
-            self.worker.put(self, None if silent else chunk, self.samples)
+            # voice session is the user listening. With nothing of this stream still in the
+            # worker, it is scored here: no wake-up of the worker thread for a quiet microphone.
+            silent = float(np.dot(chunk, chunk)) < SILENCE_RMS * SILENCE_RMS * CHUNK
+            if silent and self.sent == self.scored:
+                self.on_score(0.0, self.samples)
+            else:
+                self.sent += 1
+                self.worker.put(self, None if silent else chunk, self.samples)
         self.pending = buf[n * CHUNK :].copy()
 
     def close(self) -> None:
@@ -182,6 +189,8 @@ class VadWorker:
                         out = self.scorer.score(np.stack([b[1] for b in scored]), [b[0].state for b in scored])
                     except Exception:
                         log.exception("VAD scoring failed")
+                        for b in batch:
+                            b[0].scored += 1
                         continue
                     probs = {id(b): p for b, p in zip(scored, out)}
                 for b in batch:
@@ -191,6 +200,7 @@ class VadWorker:
                         stream.on_score(float(p), end)
                     except Exception:
                         log.exception("VAD callback failed")
+                    stream.scored += 1
 
 
 @dataclass

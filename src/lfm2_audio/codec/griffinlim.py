@@ -18,13 +18,14 @@ the output lags the input by LOOKAHEAD hops plus half a window less half a hop (
 52 ms). Whole-utterance `forward` is the same stream pushed once and flushed: every frame is
 then re-estimated together, so it is not sample-equal to a stream pushed frame by frame.
 
-Measured on a 2-core CPU, 80 ms code frames streamed one at a time: 2.6 ms per frame on one
-thread (1.4 ms in pushes of 4 frames), against 70 ms (one thread) or 42 ms (two) for HiFi-GAN.
+Measured on a 2-core CPU, 80 ms code frames streamed one at a time: 2.4 ms per frame on one
+thread (1.3 ms in pushes of 4 frames), against 70 ms (one thread) or 42 ms (two) for HiFi-GAN.
 The price is quality: the Whisper-base judge's WER on the mel codec's round trip of 60
-held-out espeak sentences is 55.3% through Griffin-Lim streamed a frame at a time, 64.2% in
-pushes of 4 frames (a longer window gets the same 16 iterations), 50.1% through HiFi-GAN
-(43.1% on espeak's own audio). The "fast Griffin-Lim" momentum (0.99) does not pay here: with
-4-frame pushes 8 iterations gave 57.7%, but frame by frame, as a server decodes, 80%.
+held-out espeak sentences, streamed a frame at a time as the server decodes, is 54.8% with 12
+iterations (55.3% with 16, 59.0% with 10), against 50.1% through HiFi-GAN and 43.1% on
+espeak's own audio. Longer pushes need more iterations (a longer window, the same count): in
+pushes of 4 frames, 16 iterations gave 64.2%. The "fast Griffin-Lim" momentum (0.99) does not
+pay here: in pushes of 4 frames 8 iterations gave 57.7%, but frame by frame 80%.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 from ..errors import InputError
 from .hifigan import HifiganConfig, _mel_basis
 
-ITERATIONS = 16
+ITERATIONS = 12
 LOOKAHEAD = 3  # frames re-estimated once more when the next push brings their right context
 NNLS_STEPS = 8  # multiplicative updates from the pseudo-inverse start
 

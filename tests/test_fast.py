@@ -95,7 +95,7 @@ def test_batched_decode_matches_rows(plain, fast):
 
 def test_ragged_batch_step_matches_plain(plain, fast):
     """Rows at different positions in one cache (the serving engine's batch) take the fast
-    path too: per-row rotary angles, cache slots and key masks."""
+    path too: per-row rotary angles, cache slots and key masks, one position or several."""
     D = plain.cfg.lfm.hidden_size
     caches = [m.lfm.new_cache(3, 32) for m in (plain, fast)]
     for row, n in enumerate((7, 2, 5)):  # each row's own prompt, prefilled alone
@@ -111,8 +111,13 @@ def test_ragged_batch_step_matches_plain(plain, fast):
         outs = [m.lfm(step, c) for m, c in zip((plain, fast), caches)]
         torch.testing.assert_close(outs[1], outs[0], **_close(fast))
     assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [10, 5, 8] and caches[1].max_len == 10
+    # Several positions per row at once (the engine's batched prefill of later turns).
+    chunk = torch.randn(3, 4, D)
+    outs = [m.lfm(chunk, c) for m, c in zip((plain, fast), caches)]
+    torch.testing.assert_close(outs[1], outs[0], **_close(fast))
+    assert caches[1].lengths.tolist() == caches[0].lengths.tolist() == [14, 9, 12] and caches[1].max_len == 14
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-        torch.testing.assert_close(b[:, :, :10], a[:, :, :10], **_close(fast))
+        torch.testing.assert_close(b[:, :, :14], a[:, :, :14], **_close(fast))
 
 
 @pytest.mark.skipif(not can_prepack(torch.device("cpu")), reason="needs oneDNN")

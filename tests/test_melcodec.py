@@ -234,6 +234,14 @@ def test_griffin_lim_inverts_the_mel_whole_and_streamed():
         assert sum(p.shape[-1] for p in parts) == max(0, 256 * pushed - gl.lookahead_samples())
     parts.append(stream.flush())
     assert mel_error(torch.cat(parts, -1)) < 1.2 * whole
+    # Pushes of whole windows (7 frames, one code frame of the mel codec), one or three at a
+    # time, run the same windows as the whole utterance: the same samples, however a server
+    # happens to batch its frames.
+    whole_wave = gl(mel[..., :63])
+    for size in (7, 21):
+        stream = gl.stream(1)
+        pieces = [stream.push(mel[..., i:i + size]) for i in range(0, 63, size)] + [stream.flush()]
+        assert torch.equal(torch.cat(pieces, -1), whole_wave)
     # without look-ahead every frame is committed at once; flush still returns the held-back tail
     no_lookahead = GriffinLim(lookahead=0)
     eager = no_lookahead.stream(1)

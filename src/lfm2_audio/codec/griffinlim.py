@@ -123,11 +123,14 @@ class GriffinLimStream:
         self.committed = 0  # frames whose phase is final
         self.emitted = 0  # samples emitted
 
-    def _synthesise(self, spectra: np.ndarray) -> np.ndarray:
-        """Overlap-add of frames [B, F, 513] -> [B, (F - 1) * hop + n_fft], divided by the
-        window-square sum (where it is not tiny: the first and last samples)."""
+    def _frames(self, spectra: np.ndarray) -> np.ndarray:
+        """Windowed time-domain frames [B, F, n_fft] of spectra [B, F, 513]."""
+        return np.fft.irfft(spectra, n=self.gl.cfg.n_fft, axis=-1).astype(np.float32, copy=False) * self.gl.hann
+
+    def _overlap_add(self, frames: np.ndarray) -> np.ndarray:
+        """Overlap-add of windowed frames [B, F, n_fft] -> [B, (F - 1) * hop + n_fft], divided by
+        the window-square sum (where it is not tiny: the first and last samples)."""
         gl, hop = self.gl, self.gl.hop
-        frames = np.fft.irfft(spectra, n=gl.cfg.n_fft, axis=-1).astype(np.float32) * gl.hann
         B, F, N = frames.shape
         out = np.zeros((B, (F - 1) * hop + N), np.float32)
         for j in range(N // hop):  # n_fft / hop strided adds instead of F slices
@@ -161,10 +164,14 @@ class GriffinLimStream:
         phase = np.concatenate([phase, (last[:, None, :] + steps * advance) % (2 * np.pi)], axis=1)
         spec = mag * np.exp(1j * phase).astype(np.complex64)
         nf = self.fixed.shape[1]
+        fixed = self._frames(self.fixed)  # the committed frames' part of every overlap-add
         for _ in range(gl.iterations if mag.shape[1] else 0):
-            wave = self._synthesise(np.concatenate([self.fixed, spec], axis=1))
-            est = self._analyse(wave, nf, mag.shape[1])
-            spec = (est * (mag / np.maximum(np.abs(est), 1e-9))).astype(np.complex64)  # keep the phase
+            wave = self._overlap_add(np.concatenate([fixed, self._frames(spec)], axis=1))
+            spec = self._analyse(wave, nf, mag.shape[1])
+            gain = np.abs(spec)  # keep the phase, take the target magnitude
+            np.maximum(gain, 1e-9, out=gain)
+            np.divide(mag, gain, out=gain)
+            spec *= gain
         keep = 0 if final else min(gl.lookahead, mag.shape[1])
         commit = mag.shape[1] - keep
         self.pending_mag, self.pending_phase = mag[:, commit:], np.angle(spec[:, commit:]).astype(np.float32)
@@ -178,7 +185,7 @@ class GriffinLimStream:
         start = (self.committed - committed.shape[1]) * gl.hop - self.pad  # utterance index of the buffer's 0
         out = np.zeros((self.batch, 0), np.float32)
         if committed.shape[1] and final_end > self.emitted:
-            out = self._synthesise(committed)[:, self.emitted - start:final_end - start]
+            out = self._overlap_add(self._frames(committed))[:, self.emitted - start:final_end - start]
         self.emitted += out.shape[1]
         self.fixed = committed[:, -self.overlap:]
         return out

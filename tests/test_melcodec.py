@@ -242,6 +242,12 @@ def test_griffin_lim_inverts_the_mel_whole_and_streamed():
         stream = gl.stream(1)
         pieces = [stream.push(mel[..., i:i + size]) for i in range(0, 63, size)] + [stream.flush()]
         assert torch.equal(torch.cat(pieces, -1), whole_wave)
+    # With a backlog limit, a push of more windows than that runs as one window (the cheap way
+    # a server catches up); up to the limit it runs window by window as usual.
+    behind = GriffinLim(backlog=2)
+    assert torch.equal(behind.stream(1).push(mel[..., :14]), gl.stream(1).push(mel[..., :14]))
+    assert torch.equal(behind.stream(1).push(mel[..., :21]), GriffinLim(window=None).stream(1).push(mel[..., :21]))
+    assert not torch.equal(behind.stream(1).push(mel[..., :21]), gl.stream(1).push(mel[..., :21]))
     # without look-ahead every frame is committed at once; flush still returns the held-back tail
     no_lookahead = GriffinLim(lookahead=0)
     eager = no_lookahead.stream(1)

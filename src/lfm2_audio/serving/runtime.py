@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..generation.chat import SYSTEM_PROMPTS, VOICES, transcript_token_cap
+from ..codec.griffinlim import GriffinLim
 from .audio import CodecWorker, StreamDecoder
 from .engine import Engine, EngineClosed, EngineFull, Session
 from .metrics import Metrics
@@ -176,10 +177,12 @@ class ReplyStream:
 
     async def __aiter__(self):
         """Chunks in order. Audio frames are decoded in batches: the first at once (time to
-        first audio), later ones when 8 are waiting or when the audio already sent would run
-        out within LOW_WATER seconds of playback. A codec call costs nearly the same for one
-        frame as for eight, so when generation runs ahead of real time this saves most of the
-        codec's work without ever letting a listener's buffer run dry."""
+        first audio), later ones when `runtime.max_batch` are waiting or when the audio already
+        sent would run out within LOW_WATER seconds of playback. A HiFi-GAN call costs nearly the
+        same for one frame as for eight, so when generation runs ahead of real time this saves
+        most of the codec's work without ever letting a listener's buffer run dry. (Griffin-Lim
+        costs the same per frame in any batch of whole windows: it batches 2 frames, and
+        vocodes a longer backlog the cheap way.)"""
         held, pending = None, []
         self.runtime.replies += 1
         try:
@@ -251,7 +254,7 @@ class ReplyStream:
             self.runtime.replies -= 1
 
     LOW_WATER = 0.3  # seconds of sent audio left to play below which frames are decoded at once
-    MAX_BATCH = 8  # frames per codec call
+    MAX_BATCH = 8  # frames per codec call (Runtime.max_batch: 2 for Griffin-Lim)
     REBUFFER = 4  # frames gathered before the next chunk once the listener has run dry
     REBUFFER_WAIT = 0.3  # ... or this long, whichever comes first
 
@@ -267,7 +270,7 @@ class ReplyStream:
             return None
         if self.pending_since is None:
             self.pending_since = now
-        if self.t_first_audio is None or len(pending) >= self.MAX_BATCH:
+        if self.t_first_audio is None or len(pending) >= self.runtime.max_batch:
             return 0.0
         ahead = self.samples_sent / self.runtime.codec.sample_rate - (now - self.t_first_audio)
         if ahead > self.LOW_WATER:
@@ -309,6 +312,12 @@ class Runtime:
                              prefill_chunk=c.prefill_chunk, prefill_budget=c.prefill_budget,
                              on_slot_freed=self._slot_freed)
         self.engine.step_observers.append(lambda dt, n: self.metrics.step.observe(dt))
+        self.max_batch = ReplyStream.MAX_BATCH
+        vocoder = getattr(lfm.codec, "vocoder", None)
+        if isinstance(vocoder, GriffinLim):
+            # Its runs cost the same per frame in any batch: decode 2 frames a call at most, and
+            # let a backlog (a codec falling behind under load) be vocoded the cheap way.
+            vocoder.backlog = self.max_batch = 2
         self.codec = CodecWorker(lfm.codec, process=c.codec_process, threads=c.threads or 1)
         if not c.threads and self.codec.process:
             import torch

@@ -285,6 +285,12 @@ def main(argv=None) -> int:
         proc, url = start_server(args, max(levels))
         SERVER_PID = proc.pid
     pcm, silence = question_pcm()
+    try:  # the load generator shares the cores with the server: the lighter loop when there is one
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # 0.46 against 0.56-0.64 ms of CPU per frame
+    except ImportError:
+        pass
     results = {"model": "tiny-random" if args.tiny else (args.model or "demo"), "max_tokens": args.max_tokens,
                "cpu_count": os.cpu_count(), "levels": []}
     try:

@@ -330,6 +330,28 @@ def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
         torch.set_num_threads(before)
 
 
+def test_runtime_decodes_griffin_lim_two_frames_a_call(tiny_model, tokenizer):
+    """Griffin-Lim costs the same per frame in any batch of whole windows: the server batches
+    2 frames a call (8 for other codecs) and lets a longer backlog run as one window."""
+    from lfm2_audio.codec.griffinlim import GriffinLim
+    from lfm2_audio.codec.melcodec import MelCodec
+    from lfm2_audio.pipeline import LFM2Audio
+    from lfm2_audio.serving.runtime import ReplyStream, Runtime, ServeConfig
+    from lfm2_audio.serving.testing import tiny_codec
+
+    before = torch.get_num_threads()
+    try:
+        gl = MelCodec(vocoder=GriffinLim())
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, gl), ServeConfig(codec_process=False, threads=1))
+        assert rt.max_batch == 2 and gl.vocoder.backlog == 2
+        rt.shutdown()
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(codec_process=False, threads=1))
+        assert rt.max_batch == ReplyStream.MAX_BATCH == 8
+        rt.shutdown()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_encoder_failure_ends_the_batch_and_breaks_only_those_conversations(engine, tiny_model, monkeypatch):
     params = ReplyParams(max_new_tokens=8)
     speech = [("user", [Features(features(tiny_model, 0.6, 220.0))])]

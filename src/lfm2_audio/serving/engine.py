@@ -408,13 +408,19 @@ class Engine:
             embedded = embed_pending([s.conv for s in new])
         except Exception as e:  # internal failure (e.g. the encoder): report, keep serving
             log.exception("prefill preparation failed")
-            for s in new:
-                self.prefill_queue.remove(s)
-                self._fail_internal(s, s.active, e)
-                self._reply_finished(s)
+            self._fail_prefills(new, e)
             return
         for s, emb in zip(new, embedded):
             s.prefill_emb = emb
+
+    def _fail_prefills(self, sessions: list[Session], e: Exception) -> None:
+        """Sessions in the prefill queue whose turn an internal error ended: out of the queue,
+        the error to their callers, their next requests started (and refused: broken)."""
+        for s in sessions:
+            self.prefill_queue.remove(s)
+            s.prefill_emb = None
+            self._fail_internal(s, s.active, e)
+            self._reply_finished(s)
 
     def _reply_finished(self, s: Session) -> None:
         s.active, s.state = None, "idle"
@@ -497,11 +503,7 @@ class Engine:
                 self.slots.advanced(rows, n)
             except Exception as e:
                 log.exception("prefill failed")
-                for s in group:
-                    self.prefill_queue.remove(s)
-                    s.prefill_emb = None
-                    self._fail_internal(s, s.active, e)
-                    self._reply_finished(s)
+                self._fail_prefills(group, e)
                 continue
             spent += time.perf_counter() - t0
             budget -= n * len(group)

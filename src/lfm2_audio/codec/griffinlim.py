@@ -205,9 +205,7 @@ class GriffinLimStream:
         w = self.gl.window or max(n, 1)
         if self.gl.backlog is not None and n > w * self.gl.backlog:
             w = n
-        outs = [self._run(self.gl.magnitude(log_mel[..., i:i + w]), final=False) for i in range(0, n, w)]
-        if not outs:
-            outs = [self._run(self.gl.magnitude(log_mel), final=False)]
+        outs = [self._run(self.gl.magnitude(log_mel[..., i:i + w]), final=False) for i in range(0, max(n, 1), w)]
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(outs, axis=1)))
 
     @torch.no_grad()

@@ -193,9 +193,9 @@ class _BackboneLayer:
 
 
 class FastBackbone:
-    """Decode steps and uniform-length prefill over an `Lfm2Cache`; anything else (no cache,
-    sliding window, rows of different lengths) goes to the plain module, so results never
-    depend on which path ran."""
+    """Decode steps and prefill chunks over an `Lfm2Cache`, rows at the same or at different
+    positions; anything else (no cache, sliding window) goes to the plain module, so results
+    never depend on which path ran."""
 
     ROPE_CHUNK = 4096  # the cos/sin table grows by this many positions when needed
 

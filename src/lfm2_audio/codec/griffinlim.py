@@ -28,7 +28,7 @@ of 7 new frames, however many frames a push brings (1, 2 or 8 code frames per pu
 10 gave 59.0%. The "fast Griffin-Lim" momentum (0.99) did not pay: 8 iterations gave 57.7% over
 28-frame windows but 80% over 7-frame ones.
 
-Cost on a 2-core CPU, one thread: 2.4 ms per 80 ms code frame (against 70 ms on one thread or
+Cost on a 2-core CPU, one thread: ~2.0 ms per 80 ms code frame (against 70 ms on one thread or
 42 ms on two for HiFi-GAN), about the same in any push size since the runs are the same. With
 `backlog=n`, a push of more than n windows runs as one window instead: ~1.0-1.3 ms per code
 frame in pushes of 4-8, rougher; what a server uses to catch up when its codec falls behind.
@@ -129,8 +129,12 @@ class GriffinLimStream:
         self.emitted = 0  # samples emitted
 
     def _frames(self, spectra: np.ndarray) -> np.ndarray:
-        """Windowed time-domain frames [B, F, n_fft] of spectra [B, F, 513]."""
-        return np.fft.irfft(spectra, n=self.gl.cfg.n_fft, axis=-1).astype(np.float32, copy=False) * self.gl.hann
+        """Windowed time-domain frames [B, F, n_fft] of spectra [B, F, 513]. (The FFTs are torch's,
+        on the numpy arrays' memory: twice as fast as numpy's for 10 frames, 3-10x for batches.)"""
+        N = self.gl.cfg.n_fft
+        if spectra.shape[1] == 0:
+            return np.zeros((*spectra.shape[:2], N), np.float32)
+        return torch.fft.irfft(torch.from_numpy(spectra), n=N, dim=-1).numpy() * self.gl.hann
 
     def _overlap_add(self, frames: np.ndarray) -> np.ndarray:
         """Overlap-add of windowed frames [B, F, n_fft] -> [B, (F - 1) * hop + n_fft], divided by
@@ -147,7 +151,7 @@ class GriffinLimStream:
         gl, hop, N = self.gl, self.gl.hop, self.gl.cfg.n_fft
         rows, step = wave.strides  # a strided view: no copy, and cheaper to build than sliding_window_view
         frames = np.lib.stride_tricks.as_strided(wave[:, first * hop:], (wave.shape[0], count, N), (rows, hop * step, step))
-        return np.fft.rfft(frames * gl.hann, axis=-1)
+        return torch.fft.rfft(torch.from_numpy(frames * gl.hann), dim=-1).numpy()
 
     def _run(self, new_mag: np.ndarray, final: bool) -> np.ndarray:
         gl = self.gl

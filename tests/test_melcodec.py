@@ -49,6 +49,14 @@ def codec() -> MelCodec:
     return train_melcodec(waves, vocoder=tiny_vocoder(), config=MelCodecConfig(codebook_size=16), iters=4)
 
 
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- codec interface --------------------------------------------------------------------------
 
 
@@ -258,6 +266,57 @@ def test_griffin_lim_inverts_the_mel_whole_and_streamed():
     both = GriffinLim().stream(2)
     out = torch.cat([both.push(torch.cat([mel, mel])[..., :30]), both.flush()], -1)
     assert out.shape == (2, 256 * 30) and torch.equal(out[0], out[1])
+
+
+def test_griffin_lim_streams_pushed_together_equal_each_alone(one_thread):
+    """A server pushes many replies' frames in one call: rows whose windows line up run as one
+    batch, the others on their own, and every stream gets the samples of its own pushes (on one
+    thread, as a server's codec runs: with more, the matrix products split by size and round
+    differently)."""
+    from lfm2_audio.codec.griffinlim import push_many
+
+    gl = GriffinLim()
+    g = torch.Generator().manual_seed(0)
+    mels = [torch.randn(1, 80, 7 * 6, generator=g) - 4 for _ in range(5)]
+    alone = []
+    for m in mels:
+        s = gl.stream(1)
+        alone.append(torch.cat([s.push(m[..., i:i + 7]) for i in range(0, 42, 7)] + [s.flush()], -1))
+    # streams start one push apart, and stream 4 pushes two code frames at a time
+    streams, outs = [gl.stream(1) for _ in mels], [[] for _ in mels]
+    pushed = [0] * 5
+    for step in range(12):
+        active = [i for i in range(5) if i <= step and pushed[i] < 42]
+        pieces = []
+        for i in active:
+            size = 14 if i == 4 else 7
+            pieces.append(mels[i][..., pushed[i]:pushed[i] + size])
+            pushed[i] += size
+        for i, out in zip(active, push_many([streams[i] for i in active], pieces)):
+            outs[i].append(out)
+    for i, s in enumerate(streams):
+        together = torch.cat(outs[i] + [s.flush()], -1)
+        assert torch.equal(together, alone[i])
+
+
+def test_mel_codec_streams_decoded_together_equal_each_alone(codec, one_thread):
+    from lfm2_audio.codec import decode_streams
+
+    gl_codec = MelCodec(codec.config, GriffinLim(codec.config.vocoder))
+    gl_codec.load_state_dict(codec.state_dict(), strict=False)
+    g = torch.Generator().manual_seed(1)
+    codes = [torch.randint(0, 16, (1, 8, 4), generator=g) for _ in range(3)]
+    codes[2][0, 0, 3] = END_OF_AUDIO  # ends after three frames
+    alone = []
+    for c in codes:
+        s = gl_codec.stream(1)
+        alone.append(torch.cat([s.decode(c[..., :1]), s.decode(c[..., 1:]), s.flush()], -1))
+    streams = [gl_codec.stream(1) for _ in codes]
+    first = decode_streams(streams, [c[..., :1] for c in codes])
+    rest = decode_streams(streams, [c[..., 1:] for c in codes])
+    for i, s in enumerate(streams):
+        assert torch.equal(torch.cat([first[i], rest[i], s.flush()], -1), alone[i])
+    assert alone[2].shape[-1] == 3 * FRAME
 
 
 def test_codec_with_griffin_lim_needs_no_hifigan(codec, tmp_path, monkeypatch):

@@ -287,6 +287,38 @@ def test_codec_process_decodes_as_the_thread_does_and_survives_its_child():
         child.close()
 
 
+def test_codec_worker_sends_waiting_replies_in_one_call():
+    import asyncio
+
+    from lfm2_audio.serving.audio import CodecWorker
+    from lfm2_audio.serving.testing import tiny_codec
+
+    frames = [[torch.randint(0, 2048, (8,)) for _ in range(3)] for _ in range(4)]
+    worker = CodecWorker(tiny_codec(), process=False)
+
+    async def alone(f):
+        d = worker.decoder()
+        return np.concatenate([await d.decode(f), await d.flush()])
+
+    async def together():
+        decoders = [worker.decoder() for _ in frames]
+        first = await asyncio.gather(*(d.decode(f) for d, f in zip(decoders, frames)))
+        calls = worker.calls
+        tails = [await d.flush() for d in decoders]
+        return calls, [np.concatenate(p) for p in zip(first, tails)]
+
+    try:
+        expected = [asyncio.run(alone(f)) for f in frames]
+        before = worker.calls
+        calls, got = asyncio.run(together())
+        assert calls - before == 1 and worker.pushes == 4 + 4  # four replies' pushes, one call
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+        assert not worker.host.streams  # flushed streams are gone from the worker
+    finally:
+        worker.close()
+
+
 def test_codec_process_starts_from_a_script_without_a_main_guard(tmp_path):
     import subprocess
     import sys

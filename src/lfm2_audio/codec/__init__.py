@@ -13,6 +13,8 @@ which one a checkpoint ships:
                            is final so far; flush() returns what it held back for look-ahead. The
                            pieces joined equal decode() of the concatenation:
                                s = codec.stream(1); s.decode(codes[:, :, t:t+1]); ...; s.flush()
+    decode_streams(ss, cs) one decode() for each of several streams (a server's replies), which a
+                           codec may batch (the mel codec with Griffin-Lim does)
 """
 
 from __future__ import annotations
@@ -92,6 +94,15 @@ class CodecInterface:
     def _check_codes(self, codes) -> torch.Tensor:
         size = min(self.config.codebook_size, AUDIO_CODES)
         return check_codes(codes, self.num_codebooks, codebook_size=size).to(self.device)
+
+
+def decode_streams(streams: list, codes: list) -> list[torch.Tensor]:
+    """`streams[i].decode(codes[i])` for every i, batched where the streams' class can."""
+    kinds = {type(s) for s in streams}
+    many = getattr(next(iter(kinds)), "decode_many", None) if len(kinds) == 1 else None
+    if many is not None:
+        return many(streams, codes)
+    return [s.decode(c) for s, c in zip(streams, codes)]
 
 
 def load_codec(path: str | Path, device="cpu", vocoder: str | None = None):

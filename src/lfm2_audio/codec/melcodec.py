@@ -49,6 +49,8 @@ from torch import nn
 from ..config import AUDIO_CODES, VOCODERS
 from ..errors import InputError
 from . import CodecInterface, check_wave
+from .griffinlim import GriffinLimStream
+from .griffinlim import push_many as griffin_lim_push_many
 from .hifigan import Generator, HifiganConfig, generator_from_state_dict, load_universal_hifigan, mel_spectrogram
 
 CONFIG_FILE = "config.json"
@@ -333,16 +335,46 @@ class MelCodecStream:
 
     @torch.no_grad()
     def decode(self, codes) -> torch.Tensor:
-        raw = torch.as_tensor(codes).shape[-1]
-        codes = self.codec._check_codes(codes)
-        if codes.shape[0] != self.batch:
-            raise InputError(f"this stream decodes {self.batch} rows, got {codes.shape[0]}")
-        if self.ended or codes.shape[2] == 0:
-            self.ended |= codes.shape[2] < raw
-            return torch.zeros(self.batch, 0, device=self.codec.device)
-        self.ended = codes.shape[2] < raw
-        self.frames += codes.shape[2]
-        return self._resample(self.vocoder.push(self.codec.dequantize(codes)))
+        return self.decode_many([self], [codes])[0]
+
+    @staticmethod
+    @torch.no_grad()
+    def decode_many(streams: list["MelCodecStream"], codes: list) -> list[torch.Tensor]:
+        """`decode` for several streams of one codec at once (a server's replies): the codebook
+        lookups of pushes of one length run as one, and a Griffin-Lim vocoder runs the streams
+        whose windows line up as one batch. Each stream gets what its own decode would give."""
+        outs: list = [None] * len(streams)
+        todo: dict[tuple, list[int]] = {}  # pushes of t frames to one codec
+        checked = []
+        for i, (s, c) in enumerate(zip(streams, codes)):
+            raw = torch.as_tensor(c).shape[-1]
+            c = s.codec._check_codes(c)
+            if c.shape[0] != s.batch:
+                raise InputError(f"this stream decodes {s.batch} rows, got {c.shape[0]}")
+            checked.append(c)
+            if s.ended or c.shape[2] == 0:
+                s.ended |= c.shape[2] < raw
+                outs[i] = torch.zeros(s.batch, 0, device=s.codec.device)
+                continue
+            s.ended = c.shape[2] < raw
+            s.frames += c.shape[2]
+            todo.setdefault((id(s.codec), c.shape[2]), []).append(i)
+        mels = {}
+        for members in todo.values():
+            codec = streams[members[0]].codec
+            mel = codec.dequantize(torch.cat([checked[i] for i in members]))
+            row = 0
+            for i in members:
+                mels[i] = mel[row:row + streams[i].batch]
+                row += streams[i].batch
+        order = sorted(mels)
+        if all(isinstance(streams[i].vocoder, GriffinLimStream) for i in order):
+            waves = griffin_lim_push_many([streams[i].vocoder for i in order], [mels[i] for i in order])
+        else:
+            waves = [streams[i].vocoder.push(mels[i]) for i in order]
+        for i, wave in zip(order, waves):
+            outs[i] = streams[i]._resample(wave)
+        return outs
 
     @torch.no_grad()
     def flush(self) -> torch.Tensor:

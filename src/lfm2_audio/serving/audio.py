@@ -2,9 +2,9 @@
 
 The engine produces code frames; turning them into samples is the codec's job and runs in
 one worker shared by every reply (`CodecWorker`), off the engine's thread and off the event
-loop. Each reply has its own streaming decoder (`codec.stream(1)`), fed all the frames that
-are waiting at once: under load a call decodes several frames, which costs little more than
-one.
+loop. Each reply has its own streaming decoder (`codec.stream(1)`), fed all its frames that
+are waiting at once, and the pushes of all replies waiting while a call runs go in the next call
+together.
 
 A codec on the CPU runs in a child process. On one thread it would share the interpreter lock
 with the engine: every torch op releases and retakes the lock, so the engine's hundreds of
@@ -34,6 +34,7 @@ import numpy as np
 import soxr
 import torch
 
+from ..codec import decode_streams
 from ..errors import InputError
 
 log = logging.getLogger("lfm2_audio.serving")
@@ -111,13 +112,23 @@ def codec_on_cpu(codec) -> bool:
 class CodecWorker:
     """Runs every codec call, in order: in a child process (`process=True`; None = when the
     codec is on the CPU) or on one thread. Either way decoding never blocks the event loop nor
-    fights the engine thread for more than one core."""
+    fights the engine thread for more than one core.
+
+    Decodes are batched across replies: the frames every reply has waiting while a call runs
+    go to the codec together in the next call (`codec.decode_streams`), one call and one round
+    trip to the child instead of one per reply. (16 replies of the demo model with Griffin-Lim:
+    ~1 ms of the codec's CPU per frame against ~2 ms one reply at a time.)"""
 
     def __init__(self, codec, process: bool | None = None, threads: int | None = None):
         self.codec = codec
         self.process = codec is not None and (codec_on_cpu(codec) if process is None else bool(process))
         self.threads = threads or torch.get_num_threads()
+        self.host = None if self.process else CodecHost(codec)  # a thread worker's streams
         self._restart = None  # the replacement child starting
+        self._waiting: list = []  # (stream id, codes, future) for the next call
+        self._draining = False
+        self.calls = 0  # decode calls made, and the pushes they carried
+        self.pushes = 0
         self.pool = self._start()
 
     def _start(self):
@@ -133,6 +144,7 @@ class CodecWorker:
                 log.warning("cannot start the codec process; decoding on a thread", exc_info=True)
                 pool.shutdown(wait=True, cancel_futures=True)
                 self.process = False
+                self.host = CodecHost(self.codec)
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm2-codec")
 
     @property
@@ -144,10 +156,16 @@ class CodecWorker:
             raise InputError("this checkpoint has no audio codec: audio output is not available")
         return StreamDecoder(self)
 
-    async def run(self, fn, *args):
+    def _call(self, method: str, *args):
+        """What the pool runs for CodecHost.method(*args): the child's host or this process's."""
+        if self.process:
+            return (_child_call, method) + args
+        return (getattr(self.host, method),) + args
+
+    async def run(self, method: str, *args):
         pool = self.pool
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(pool, *self._call(method, *args))
         except BrokenProcessPool:
             # The child died (killed, out of memory): the replies it was decoding fail, later
             # ones get a fresh child.
@@ -160,10 +178,46 @@ class CodecWorker:
                     self._restart = None
             raise
 
-    def post(self, fn, *args) -> None:
-        """Fire and forget (the child drops a stream's state)."""
+    async def decode(self, stream_id: int, codes: np.ndarray) -> np.ndarray:
+        """One push of a reply's stream, sent with the pushes of other replies waiting with it."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((stream_id, codes, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
         try:
-            self.pool.submit(fn, *args)
+            while self._waiting:
+                batch = [w for w in self._waiting if not w[2].done()]  # (a cancelled reply's)
+                self._waiting = []
+                if not batch:
+                    continue
+                self.calls += 1
+                self.pushes += len(batch)
+                try:
+                    results = await self.run("decode", [(i, c) for i, c, _ in batch])
+                except asyncio.CancelledError:  # the loop is closing
+                    for _, _, future in batch:
+                        future.cancel()
+                    raise
+                except Exception as e:
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (_, _, future), audio in zip(batch, results):
+                    if not future.done():
+                        future.set_result(audio)
+        finally:
+            self._draining = False
+
+    def forget(self, stream_id: int) -> None:
+        """Drop a stream without its tail (its reply ended early), pushes not yet sent included."""
+        self._waiting = [w for w in self._waiting if w[0] != stream_id]
+        try:
+            self.pool.submit(*self._call("drop", stream_id))
         except RuntimeError:  # shut down, or broken: nothing is left to drop
             pass
 
@@ -181,79 +235,71 @@ class StreamDecoder:
     def __init__(self, worker: CodecWorker):
         self.worker = worker
         self.id = next(self._ids)
-        self.stream = None  # thread worker: created on the worker thread with the first frames
         self.started = False  # the worker holds this stream's state
 
     async def decode(self, frames: list[torch.Tensor]) -> np.ndarray:
-        codes = torch.stack(frames).T[None].to(torch.long).cpu()  # [1, K, t]
+        codes = torch.stack(frames).T[None].to(torch.long).cpu().numpy()  # [1, K, t]
         self.started = True
-        if self.worker.process:
-            return await self.worker.run(_child_decode, self.id, codes.numpy())
-        return await self.worker.run(self._decode, codes)
+        return await self.worker.decode(self.id, codes)
 
     async def flush(self) -> np.ndarray:
         if not self.started:
             return np.zeros(0, np.float32)
         self.started = False
-        if self.worker.process:
-            return await self.worker.run(_child_flush, self.id)
-        return await self.worker.run(self._flush)
+        return await self.worker.run("flush", self.id)
 
     def close(self) -> None:
         """Forget the stream without its tail (a reply that ended early)."""
-        if self.started and self.worker.process:
-            self.worker.post(_child_drop, self.id)
+        if self.started:
+            self.worker.forget(self.id)
         self.started = False
 
-    def _decode(self, codes: torch.Tensor) -> np.ndarray:
-        if self.stream is None:
-            self.stream = self.worker.codec.stream(1)
-        return decode_frames(self.stream, codes)
 
-    def _flush(self) -> np.ndarray:
-        return flush_stream(self.stream)
+class CodecHost:
+    """The codec's side of the worker (in the child, or on the worker's thread): each reply's
+    stream under the id its StreamDecoder has."""
 
+    def __init__(self, codec):
+        self.codec, self.streams = codec, {}
 
-def decode_frames(stream, codes: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        out = stream.decode(codes)
-    return out[0].float().cpu().numpy()
+    def decode(self, pushes: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        streams = []
+        for stream_id, _ in pushes:
+            if stream_id not in self.streams:
+                self.streams[stream_id] = self.codec.stream(1)
+            streams.append(self.streams[stream_id])
+        with torch.inference_mode():
+            out = decode_streams(streams, [torch.from_numpy(c) for _, c in pushes])
+        return [o[0].float().cpu().numpy() for o in out]
 
+    def flush(self, stream_id: int) -> np.ndarray:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None or not hasattr(stream, "flush"):
+            return np.zeros(0, np.float32)
+        with torch.inference_mode():
+            out = stream.flush()
+        return out[0].float().cpu().numpy() if out is not None else np.zeros(0, np.float32)
 
-def flush_stream(stream) -> np.ndarray:
-    if stream is None or not hasattr(stream, "flush"):
-        return np.zeros(0, np.float32)
-    with torch.inference_mode():
-        out = stream.flush()
-    return out[0].float().cpu().numpy() if out is not None else np.zeros(0, np.float32)
+    def drop(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
 
 
 # ---- the codec process ---------------------------------------------------------------------
-# Module-level functions, so the pool can send them by name; the child keeps each reply's
-# stream under the id its StreamDecoder has in the parent.
+# Module-level functions, so the pool can send them by name; the child's CodecHost keeps each
+# reply's stream under the id its StreamDecoder has in the parent.
 
-_child = types.SimpleNamespace(codec=None, streams={})
+_host: CodecHost | None = None
 
 
 def _child_init(codec, threads: int) -> None:
+    global _host
     torch.set_num_threads(threads)
-    _child.codec = codec
+    _host = CodecHost(codec)
 
 
 def _child_ping() -> bool:
     return True
 
 
-def _child_decode(stream_id: int, codes: np.ndarray) -> np.ndarray:
-    stream = _child.streams.get(stream_id)
-    if stream is None:
-        stream = _child.streams[stream_id] = _child.codec.stream(1)
-    return decode_frames(stream, torch.from_numpy(codes))
-
-
-def _child_flush(stream_id: int) -> np.ndarray:
-    return flush_stream(_child.streams.pop(stream_id, None))
-
-
-def _child_drop(stream_id: int) -> None:
-    _child.streams.pop(stream_id, None)
+def _child_call(method: str, *args):
+    return getattr(_host, method)(*args)

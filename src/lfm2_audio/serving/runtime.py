@@ -368,6 +368,9 @@ class Runtime:
         m.counter_fn("lfm2_prefill_positions_total", "Prompt positions prefilled", lambda: s.prefill_positions)
         m.counter_fn("lfm2_prefill_calls_total", "Batched prefill calls (rows over calls: prompts prefilled together)", lambda: s.prefill_calls)
         m.counter_fn("lfm2_prefill_rows_total", "Prompt rows over the batched prefill calls", lambda: s.prefill_rows)
+        m.counter_fn("lfm2_codec_calls_total", "Codec decode calls", lambda: self.codec.calls)
+        m.counter_fn("lfm2_codec_pushes_total", "Replies' pushes over the codec calls (decoded together)",
+                     lambda: self.codec.pushes)
         m.counter_fn("lfm2_cancelled_total", "Replies cancelled", lambda: s.cancelled)
 
     # ---- lifecycle --------------------------------------------------------------------------

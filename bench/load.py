@@ -44,7 +44,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from lfm2_audio.config import CODEC_WORKERS, VOCODERS
+from lfm2_audio.config import VOCODERS, WORKERS
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = ROOT / "src" / "lfm2_audio" / "assets" / "examples" / "question.wav"
@@ -232,7 +232,7 @@ def start_server(args, max_sessions: int) -> tuple[subprocess.Popen, str]:
     cmd += ["--engine", args.engine]
     if args.vocoder:
         cmd += ["--vocoder", args.vocoder]
-    cmd += ["--codec-worker", args.codec_worker]
+    cmd += ["--codec-worker", args.codec_worker, "--engine-worker", args.engine_worker]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []
@@ -264,8 +264,10 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", choices=("fast", "plain"), default="fast")
     ap.add_argument("--vocoder", choices=VOCODERS, default=None,
                     help="the demo codec's vocoder on the server (default: hifigan)")
-    ap.add_argument("--codec-worker", choices=list(CODEC_WORKERS), default="auto",
+    ap.add_argument("--codec-worker", choices=list(WORKERS), default="auto",
                     help="where the server decodes audio (serve --codec-worker)")
+    ap.add_argument("--engine-worker", choices=list(WORKERS), default="auto",
+                    help="where the server runs the model (serve --engine-worker)")
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--chunk-ms", type=int, default=40, help="microphone chunk length sent per message")
     ap.add_argument("--json", default=None, help="also write the results here")

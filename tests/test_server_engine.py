@@ -249,6 +249,68 @@ def test_context_limit_and_bad_input_are_errors_for_that_session_only(engine, ti
         s.close()
 
 
+def test_engine_process_replies_as_the_engine_does(tiny_model, tokenizer):
+    """The engine in a child process: the same events as generate(), batched replies, usage,
+    cancellation, admission given back on close, stats and step times."""
+    from lfm2_audio.serving.engine_process import EngineProcess
+
+    freed = []
+    turns = [features(tiny_model, 0.8, 220), features(tiny_model, 0.5, 330)]
+    params = ReplyParams(max_new_tokens=30)
+    _, want = reference(tiny_model, tokenizer, turns, params)
+    steps = []
+    with EngineProcess(tiny_model, tokenizer, max_sessions=2, max_context=1024, threads=1,
+                       on_slot_freed=lambda: freed.append(1)) as engine:
+        engine.step_observers.append(lambda dt, n: steps.append(n))
+        session, got = run_engine(engine, turns, params)
+        for w, g in zip(want, got):
+            assert summary(g) == summary(w)
+        # two sessions at once decode in one batch, each as it would alone
+        other = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024)
+        with pytest.raises(EngineFull):
+            engine.open_session()
+        a, b = Collector(), Collector()
+        ra = session.submit([("user", [Features(turns[0])])], params, a)
+        other.submit([("user", [Features(turns[0])])], params, b)
+        assert summary(b.wait()) == summary(want[0])
+        a.wait()
+        assert max(steps) == 2 and engine.stats.frames > 0 and engine.stats.requests == 4
+        assert ra.done and ra.reply.tokens + ra.reply.frames == 30 and ra.prompt_positions > 0
+        # cancelled mid-reply: the end says so, and the session takes the next turn
+        c = Collector()
+        req = other.submit([("user", [Features(turns[1])])], ReplyParams(max_new_tokens=1000), c)
+        while not c.events:
+            time.sleep(0.01)
+        req.cancel()
+        assert c.wait()[-1].reason == "cancelled" and engine.active_requests == 0
+        session.close()
+        other.close()
+        deadline = time.monotonic() + 10
+        while engine.open_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.open_sessions == 0 and len(freed) == 2
+
+
+def test_engine_process_that_dies_fails_its_replies_and_refuses_new_ones(tiny_model, tokenizer):
+    import os
+    import signal
+
+    from lfm2_audio.serving.engine import EngineClosed
+    from lfm2_audio.serving.engine_process import EngineProcess
+
+    with EngineProcess(tiny_model, tokenizer, max_sessions=2, max_context=1024, threads=1) as engine:
+        s = engine.open_session(system=SYSTEM_PROMPTS["chat"])
+        c = Collector()
+        s.submit([("user", [Features(features(tiny_model, 0.5, 220))])], ReplyParams(max_new_tokens=1000), c)
+        while not c.events:
+            time.sleep(0.01)
+        os.kill(engine._process.pid, signal.SIGKILL)
+        events = c.wait()
+        assert events[-2].kind == "error" and events[-2].text == "internal_error" and events[-1].reason == "error"
+        with pytest.raises(EngineClosed, match="died"):
+            engine.open_session()
+
+
 def test_codec_process_decodes_as_the_thread_does_and_survives_its_child():
     import asyncio
     import os
@@ -342,11 +404,13 @@ def test_codec_process_starts_from_a_script_without_a_main_guard(tmp_path):
 
 
 def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
+    """On the CPU the engine and the codec each run in a child process by default; the engine
+    gets every core but the codec's."""
+    from lfm2_audio.generation.fast import usable_cores
     from lfm2_audio.pipeline import LFM2Audio
+    from lfm2_audio.serving.engine_process import EngineProcess
     from lfm2_audio.serving.runtime import Runtime, ServeConfig
     from lfm2_audio.serving.testing import tiny_codec
-
-    from lfm2_audio.generation.fast import usable_cores
 
     before = torch.get_num_threads()
     try:
@@ -354,9 +418,11 @@ def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
             rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig())  # --threads not given
             assert rt.codec.process and rt.codec.threads == 1
             assert torch.get_num_threads() == max(1, usable_cores() - 1)
+            assert isinstance(rt.engine, EngineProcess) and rt.engine.threads == torch.get_num_threads()
             rt.shutdown()
-        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(threads=2))  # given: both use it
-        assert rt.codec.threads == 2 and torch.get_num_threads() == 2
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(threads=2, engine_process=False))
+        assert rt.codec.threads == 2 and torch.get_num_threads() == 2  # given: both use it
+        assert isinstance(rt.engine, Engine)
         rt.shutdown()
     finally:
         torch.set_num_threads(before)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CODEC_WORKERS, VOCODERS
+from .config import VOCODERS, WORKERS
 from .errors import InputError
 
 
@@ -188,9 +188,12 @@ def _serve_args(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--vocoder", default=None, choices=VOCODERS,
                    help="demo model's mel codec only: griffin-lim costs ~10x less CPU per second of speech, "
                         "sounds rougher (default: hifigan)")
-    p.add_argument("--codec-worker", default="auto", choices=list(CODEC_WORKERS),
+    p.add_argument("--codec-worker", default="auto", choices=list(WORKERS),
                    help="where audio is decoded: a child process (auto: when the codec is on the CPU) "
                         "keeps it from slowing the engine; a thread shares the engine's process")
+    p.add_argument("--engine-worker", default="auto", choices=list(WORKERS),
+                   help="where the model runs: a child process (auto: when the model is on the CPU) keeps "
+                        "the web server's Python from stalling its steps; a thread shares the server's process")
     _engine_args(p)
 
 

@@ -22,7 +22,7 @@ AUDIO_CODES = 2048  # real codes per codebook
 END_OF_AUDIO = 2048  # extra code that ends an audio segment
 AUDIO_VOCAB = AUDIO_CODES + 1  # classes per codebook
 VOCODERS = ("hifigan", "griffin-lim")  # what the demo model's mel codec can vocode with
-CODEC_WORKERS = {"auto": None, "process": True, "thread": False}  # --codec-worker -> ServeConfig.codec_process
+WORKERS = {"auto": None, "process": True, "thread": False}  # --codec-worker / --engine-worker -> ServeConfig
 MODALITY_TEXT, MODALITY_AUDIO_IN, MODALITY_AUDIO_OUT = 1, 2, 3
 
 DEPTH_HEADS, DEPTH_KV_HEADS, DEPTH_ROPE_THETA, DEPTH_NORM_EPS = 32, 8, 1_000_000.0, 1e-5

@@ -90,7 +90,7 @@ class InputResampler:
 
 
 @contextlib.contextmanager
-def _main_hidden():
+def main_hidden():
     """A spawned child imports the parent's __main__ again: a script without an
     `if __name__ == "__main__":` guard would run once more there (load a model, start a server).
     The child needs nothing from it, so it is hidden while the child starts."""
@@ -137,7 +137,7 @@ class CodecWorker:
             pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_child_init, initargs=(self.codec, self.threads))
             try:
-                with _main_hidden():
+                with main_hidden():
                     pool.submit(_child_ping).result()  # start it now, not on a reply's time to audio
                 return pool
             except Exception:

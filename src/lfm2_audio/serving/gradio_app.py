@@ -119,12 +119,13 @@ def main(args) -> int:
     except ImportError:
         raise InputError("the demo needs Gradio: pip install 'lfm2-audio[demo]'") from None
     from .app import create_app
-    from ..config import CODEC_WORKERS
+    from ..config import WORKERS
     from .runtime import ServeConfig
     from .server import load_runtime, make_server
 
     cfg = ServeConfig(max_sessions=args.max_sessions, max_context=args.max_context, max_new_tokens=args.max_new_tokens,
-                      threads=args.threads, codec_process=CODEC_WORKERS[args.codec_worker])
+                      threads=args.threads, codec_process=WORKERS[args.codec_worker],
+                      engine_process=WORKERS[args.engine_worker])
     rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast",
                       quantize=args.quantize, vocoder=args.vocoder)
     app = gr.mount_gradio_app(create_app(rt), build_demo(rt), path="/demo")

@@ -21,6 +21,7 @@ from ..generation.chat import SYSTEM_PROMPTS, VOICES, transcript_token_cap
 from ..codec.griffinlim import GriffinLim
 from .audio import CodecWorker, StreamDecoder
 from .engine import Engine, EngineClosed, EngineFull, Session
+from .engine_process import EngineProcess
 from .metrics import Metrics
 from .reply import ReplyParams
 from .vad import VadWorker, make_scorer
@@ -57,6 +58,7 @@ class ServeConfig:
     threads: int | None = None
     switch_interval: float | None = 0.0002  # seconds (sys.setswitchinterval); None leaves it
     codec_process: bool | None = None  # decode in a child process; None: when the codec is on the CPU
+    engine_process: bool | None = None  # run the engine in a child process; None: when the model is on the CPU
 
 
 class Busy(Exception):
@@ -308,10 +310,6 @@ class Runtime:
 
             torch.set_num_threads(c.threads)
         self.metrics = Metrics()
-        self.engine = Engine(lfm.model, lfm.tokenizer, max_sessions=c.max_sessions, max_context=c.max_context,
-                             prefill_chunk=c.prefill_chunk, prefill_budget=c.prefill_budget,
-                             on_slot_freed=self._slot_freed)
-        self.engine.step_observers.append(lambda dt, n: self.metrics.step.observe(dt))
         self.max_batch = ReplyStream.MAX_BATCH
         vocoder = getattr(lfm.codec, "vocoder", None)
         if isinstance(vocoder, GriffinLim):
@@ -329,6 +327,16 @@ class Runtime:
             # sessions, demo model). From the core count, not the pool's current size, which a
             # second Runtime in the same process would shrink again.
             torch.set_num_threads(max(1, usable_cores() - 1))
+        engine_args = dict(max_sessions=c.max_sessions, max_context=c.max_context, prefill_chunk=c.prefill_chunk,
+                           prefill_budget=c.prefill_budget, on_slot_freed=self._slot_freed)
+        on_cpu = lfm.model.device.type == "cpu"
+        if c.engine_process if c.engine_process is not None else on_cpu:
+            import torch
+
+            self.engine = EngineProcess(lfm.model, lfm.tokenizer, threads=torch.get_num_threads(), **engine_args)
+        else:
+            self.engine = Engine(lfm.model, lfm.tokenizer, **engine_args)
+        self.engine.step_observers.append(lambda dt, n: self.metrics.step.observe(dt))
         self.vad: VadWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._freed: asyncio.Event | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..config import CODEC_WORKERS
+from ..config import WORKERS
 from .runtime import Runtime, ServeConfig
 
 log = logging.getLogger("lfm2_audio.serving")
@@ -88,7 +88,8 @@ def serve(args) -> int:
     cfg = ServeConfig(model_name=args.model_name, max_sessions=args.max_sessions, max_context=args.max_context,
                       queue_timeout=args.queue_timeout, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                       max_new_tokens=args.max_new_tokens, shutdown_timeout=args.shutdown_timeout, vad=args.vad,
-                      threads=args.threads, codec_process=CODEC_WORKERS[args.codec_worker])
+                      threads=args.threads, codec_process=WORKERS[args.codec_worker],
+                      engine_process=WORKERS[args.engine_worker])
     rt = load_runtime(args.model, device=args.device, dtype=args.dtype, config=cfg, fast=args.engine == "fast",
                       quantize=args.quantize, vocoder=args.vocoder)
     server = make_server(rt, args.host, args.port, args.log_level)

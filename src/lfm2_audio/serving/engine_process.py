@@ -25,6 +25,7 @@ import itertools
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 from typing import Callable
 
@@ -308,6 +309,8 @@ def _local_turns(turns):
 
 
 def _child_main(conn, model, tokenizer, fast, engine_args: dict, threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the server decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     steps: list = []

@@ -146,17 +146,21 @@ class Session:
             self.engine._post("close", self)
 
 
+def engine_limits(model, max_sessions: int, max_context: int) -> tuple[int, int]:
+    """Checked (sessions, positions per session), the context capped at the model's."""
+    if max_sessions < 1:
+        raise InputError("max_sessions must be at least 1")
+    if max_context < 16:
+        raise InputError("max_context must be at least 16")
+    return int(max_sessions), int(min(max_context, model.cfg.max_context))
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_sessions: int = 16, max_context: int = 4096,
                  prefill_chunk: int = 2048, prefill_budget: float = 0.1,
                  on_slot_freed: Callable[[], None] | None = None):
-        if max_sessions < 1:
-            raise InputError("max_sessions must be at least 1")
-        if max_context < 16:
-            raise InputError("max_context must be at least 16")
         self.model, self.tokenizer = model, tokenizer
-        self.max_sessions = int(max_sessions)
-        self.max_context = int(min(max_context, model.cfg.max_context))
+        self.max_sessions, self.max_context = engine_limits(model, max_sessions, max_context)
         self.prefill_chunk = int(prefill_chunk)  # positions per backbone call, at most
         self.prefill_budget = float(prefill_budget)
         self._prefill_rate = None  # seconds per prefill position, a running average

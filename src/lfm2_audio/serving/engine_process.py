@@ -36,7 +36,7 @@ from ..errors import InputError
 from ..generation.chat import Conversation
 from ..generation.generate import Event
 from .audio import main_hidden
-from .engine import Engine, EngineClosed, EngineFull, EngineStats, Features
+from .engine import Engine, EngineClosed, EngineFull, EngineStats, Features, engine_limits
 from .reply import ReplyParams
 
 log = logging.getLogger("lfm2_audio.serving")
@@ -90,19 +90,15 @@ class RemoteSession:
 
 
 class EngineProcess:
-    features = Engine.features  # log-mel on the caller's side: they only read the model's config
-    features_16k = Engine.features_16k
+    # Engine's code where it reads only what both keep (log-mel runs on the caller's side).
+    features, features_16k = Engine.features, Engine.features_16k
+    __enter__, __exit__, open_sessions = Engine.__enter__, Engine.__exit__, Engine.open_sessions
 
     def __init__(self, model, tokenizer, max_sessions: int = 16, max_context: int = 4096,
                  prefill_chunk: int = 2048, prefill_budget: float = 0.1,
                  on_slot_freed: Callable[[], None] | None = None, threads: int | None = None):
-        if max_sessions < 1:
-            raise InputError("max_sessions must be at least 1")
-        if max_context < 16:
-            raise InputError("max_context must be at least 16")
         self.model, self.tokenizer = model, tokenizer
-        self.max_sessions = int(max_sessions)
-        self.max_context = int(min(max_context, model.cfg.max_context))
+        self.max_sessions, self.max_context = engine_limits(model, max_sessions, max_context)
         self.on_slot_freed = on_slot_freed
         self.threads = threads or torch.get_num_threads()
         self.engine_args = dict(max_sessions=self.max_sessions, max_context=self.max_context,
@@ -156,16 +152,6 @@ class EngineProcess:
         self._process.join(timeout)
         if self._process.is_alive():
             self._process.kill()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    @property
-    def open_sessions(self) -> int:
-        return self._open
 
     @property
     def active_requests(self) -> int:

@@ -406,7 +406,7 @@ def test_codec_process_starts_from_a_script_without_a_main_guard(tmp_path):
 def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
     """On the CPU the engine and the codec each run in a child process by default; the engine
     gets every core but the codec's."""
-    from lfm2_audio.generation.fast import usable_cores
+    from lfm2_audio.generation.fast import FastLFM2Audio, usable_cores
     from lfm2_audio.pipeline import LFM2Audio
     from lfm2_audio.serving.engine_process import EngineProcess
     from lfm2_audio.serving.runtime import Runtime, ServeConfig
@@ -420,9 +420,14 @@ def test_runtime_leaves_the_codec_process_a_core(tiny_model, tokenizer):
             assert torch.get_num_threads() == max(1, usable_cores() - 1)
             assert isinstance(rt.engine, EngineProcess) and rt.engine.threads == torch.get_num_threads()
             rt.shutdown()
-        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(threads=2, engine_process=False))
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(threads=2, engine_process=False),
+                     fast=True)
         assert rt.codec.threads == 2 and torch.get_num_threads() == 2  # given: both use it
-        assert isinstance(rt.engine, Engine)
+        assert isinstance(rt.engine, Engine) and isinstance(rt.lfm.model, FastLFM2Audio)
+        rt.shutdown()
+        # the fast path is built where the engine runs: in the child, not here as well
+        rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(), fast=True)
+        assert rt.engine.fast and rt.lfm.model is tiny_model
         rt.shutdown()
     finally:
         torch.set_num_threads(before)

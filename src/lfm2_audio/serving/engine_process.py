@@ -96,11 +96,14 @@ class EngineProcess:
 
     def __init__(self, model, tokenizer, max_sessions: int = 16, max_context: int = 4096,
                  prefill_chunk: int = 2048, prefill_budget: float = 0.1,
-                 on_slot_freed: Callable[[], None] | None = None, threads: int | None = None):
+                 on_slot_freed: Callable[[], None] | None = None, threads: int | None = None, fast: bool = False):
+        """model: plain or a FastLFM2Audio (the child builds its fast path again from the plain
+        model, with the same options); fast: build one in the child for a plain model."""
         self.model, self.tokenizer = model, tokenizer
         self.max_sessions, self.max_context = engine_limits(model, max_sessions, max_context)
         self.on_slot_freed = on_slot_freed
         self.threads = threads or torch.get_num_threads()
+        self.fast = fast
         self.engine_args = dict(max_sessions=self.max_sessions, max_context=self.max_context,
                                 prefill_chunk=int(prefill_chunk), prefill_budget=float(prefill_budget))
         self.stats = EngineStats()
@@ -122,6 +125,8 @@ class EngineProcess:
         ctx = multiprocessing.get_context("spawn")  # this process already runs torch's threads
         ours, theirs = ctx.Pipe()
         model, fast = _portable_model(self.model)
+        if fast is None and self.fast:
+            fast = {}
         self._process = ctx.Process(target=_child_main, name="lfm2-engine",
                                     args=(theirs, model, self.tokenizer, fast, self.engine_args, self.threads),
                                     daemon=True)

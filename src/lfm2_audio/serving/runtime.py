@@ -301,10 +301,19 @@ class ReplyStream:
 
 
 class Runtime:
-    def __init__(self, lfm, config: ServeConfig | None = None):
+    def __init__(self, lfm, config: ServeConfig | None = None, fast: bool = False):
+        """fast: decode with generation/fast.py (lfm.model may be a FastLFM2Audio already), built
+        where the engine runs: in its child process, or here, replacing lfm.model."""
         self.lfm = lfm
         self.config = config or ServeConfig()
         c = self.config
+        on_cpu = lfm.model.device.type == "cpu"
+        in_child = c.engine_process if c.engine_process is not None else on_cpu
+        if fast and not in_child:
+            from ..generation.fast import FastLFM2Audio
+
+            if not isinstance(lfm.model, FastLFM2Audio):
+                lfm.model = FastLFM2Audio(lfm.model, threads=c.threads)
         if c.threads:
             import torch
 
@@ -329,11 +338,11 @@ class Runtime:
             torch.set_num_threads(max(1, usable_cores() - 1))
         engine_args = dict(max_sessions=c.max_sessions, max_context=c.max_context, prefill_chunk=c.prefill_chunk,
                            prefill_budget=c.prefill_budget, on_slot_freed=self._slot_freed)
-        on_cpu = lfm.model.device.type == "cpu"
-        if c.engine_process if c.engine_process is not None else on_cpu:
+        if in_child:
             import torch
 
-            self.engine = EngineProcess(lfm.model, lfm.tokenizer, threads=torch.get_num_threads(), **engine_args)
+            self.engine = EngineProcess(lfm.model, lfm.tokenizer, threads=torch.get_num_threads(), fast=fast,
+                                        **engine_args)
         else:
             self.engine = Engine(lfm.model, lfm.tokenizer, **engine_args)
         self.engine.step_observers.append(lambda dt, n: self.metrics.step.observe(dt))

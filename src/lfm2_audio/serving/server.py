@@ -27,14 +27,10 @@ def load_runtime(model=None, device="cpu", dtype=None, config: ServeConfig | Non
     if lfm is None:
         from ..pipeline import LFM2Audio
 
-        lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device, fast=fast, threads=config.threads,
-                                        quantize=quantize, vocoder=vocoder)
-    elif fast:
-        from ..generation.fast import FastLFM2Audio
-
-        if not isinstance(lfm.model, FastLFM2Audio):
-            lfm.model = FastLFM2Audio(lfm.model, threads=config.threads)
-    return Runtime(lfm, config)
+        # The fast path is built where the engine runs (Runtime): in its child process, a copy
+        # here would be memory for nothing.
+        lfm = LFM2Audio.from_pretrained(model, dtype=dtype, device=device, fast=False, quantize=quantize, vocoder=vocoder)
+    return Runtime(lfm, config, fast=fast)
 
 
 def make_server(rt: Runtime, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", app=None):

@@ -2,6 +2,7 @@
 
     python bench/generate.py --model random-official --dtype bf16
     python bench/generate.py --model random-official --dtype bf16 --quantize int8
+    python bench/generate.py --model random-official --dtype bf16 --quantize int4
     python bench/generate.py --model CHECKPOINT_DIR --dtype fp32 --frames 8
     python bench/generate.py --device cuda --dtype bf16 --batch 1,64,128,256 [--compile]
 
@@ -28,8 +29,8 @@ and every timing synchronizes the device. Every timing is the best of --repeats 
 dev box is shared and noisy). `--model random-official` builds an official-size model with random weights in memory
 (no checkpoint needed). `--exact` runs the engine bit-identical to the plain path.
 
-With --quantize int8 the fast path runs the int8 model and the plain baseline stays the
-unquantized model; the line adds the int8 quality against the unquantized fast path
+With --quantize int8 (or int8-dyn, int4) the fast path runs the quantized model and the plain
+baseline stays the unquantized model; the line adds the quantized quality against the unquantized fast path
 (bit-identical to plain) over --quality-steps teacher-forced interleaved steps: the fraction
 of steps whose greedy output (text token, or all 8 codes of a frame) matches, the fraction of
 matching audio codes, and the text-logit cosine (min and mean).
@@ -317,13 +318,13 @@ def replay_quality(mq, fast_q, prompt, record) -> dict:
     n_text = len(record) - n_frames
     return {
         # a step matches when its text token, or all 8 codes of its frame, match
-        "int8_step_match": (text_match + frame_match) / len(record),
+        "quant_step_match": (text_match + frame_match) / len(record),
         # every sampled token counts: text tokens and each audio code
-        "int8_token_match": (text_match + code_match) / max(n_text + n_codes, 1),
-        "int8_text_match": text_match / max(n_text, 1),
-        "int8_code_match": code_match / max(n_codes, 1),
-        "int8_text_logit_cos_min": min(cosines) if cosines else None,
-        "int8_text_logit_cos_mean": float(np.mean(cosines)) if cosines else None,
+        "quant_token_match": (text_match + code_match) / max(n_text + n_codes, 1),
+        "quant_text_match": text_match / max(n_text, 1),
+        "quant_code_match": code_match / max(n_codes, 1),
+        "quant_text_logit_cos_min": min(cosines) if cosines else None,
+        "quant_text_logit_cos_mean": float(np.mean(cosines)) if cosines else None,
     }
 
 
@@ -334,7 +335,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-official")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dyn"])
+    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dyn", "int4"])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", default="1", help="a batch size, or a comma list for a sweep (the first one is "
                                                    "the batch of text_tok_s / audio_fps)")

@@ -25,8 +25,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("fast", "plain"), default="fast",
                    help="fast: fused decode path (same greedy tokens); plain: the eager reference-style model")
-    p.add_argument("--quantize", choices=("int8", "int8-dyn"), default=None,
-                   help="int8: weight-only int8 decode matmuls (CPU, bf16 models); int8-dyn: int8 activations too")
+    p.add_argument("--quantize", choices=("int8", "int8-dyn", "int4"), default=None,
+                   help="int8: weight-only int8 decode matmuls (CPU, bf16 models); int8-dyn: int8 activations too; "
+                        "int4: 4-bit weights in groups of 32 (CPU; fastest decode, lossy: see the README)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_k: int | None) -> None:

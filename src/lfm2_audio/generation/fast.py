@@ -51,7 +51,7 @@ from torch import nn
 
 from ..config import DEPTH_HEADS, DEPTH_KV_HEADS, DEPTH_ROPE_THETA, END_OF_AUDIO
 from ..model.lfm2 import rope_inv_freq
-from ..model.quantize import Int8Linear, int8_dynamic_linear, int8_linear, use_int8_gemv
+from ..model.quantize import Int4Linear, Int8Linear, int4_linear, int8_dynamic_linear, int8_linear, use_int8_gemv
 from .sampling import GREEDY, Sampling, sample
 
 
@@ -83,17 +83,25 @@ class FusedLinear:
 
     Float weights are either used as they are (a single linear: no copy) or concatenated; with
     `prepack` they are reordered into oneDNN's layout for CPU GEMV. Int8Linear weights are
-    concatenated with their scales and go to `int8_linear`. To keep one copy of the weights in
+    concatenated with their scales and go to `int8_linear`, Int4Linear ones (packed rows,
+    scales and zeros) to `int4_linear`. To keep one copy of the weights in
     memory, concatenated (unpacked) weights are written back into the modules as views.
     """
 
     def __init__(self, modules: list[nn.Module], prepack: bool):
         biases = [m.bias for m in modules]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.quantized = isinstance(modules[0], Int8Linear)
-        if self.quantized != all(isinstance(m, Int8Linear) for m in modules):
-            raise ValueError("cannot fuse int8 and float linears")
+        kinds = {"int8" if isinstance(m, Int8Linear) else "int4" if isinstance(m, Int4Linear) else None for m in modules}
+        if len(kinds) > 1:
+            raise ValueError(f"cannot fuse linears of different kinds: {kinds}")
+        self.quantized = kinds.pop()  # None, "int8" or "int4"
         self._packed = None
+        if self.quantized == "int4":
+            self.weight = _concat_into(modules, "weight")  # the kernel's packed rows
+            self.sz = torch.cat([m.scales_and_zeros for m in modules], dim=1)
+            self.bytes = self.weight.numel() + self.sz.numel() * self.sz.element_size()
+            self._sz = {}  # scales and zeros in each activation dtype
+            return
         if self.quantized:
             self.dynamic = modules[0].dynamic
             self.weight = _concat_into(modules, "weight")
@@ -113,6 +121,11 @@ class FusedLinear:
         """x [rows, in] (2-D: callers flatten) -> [rows, out]."""
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        if self.quantized == "int4":
+            sz = self._sz.get(x.dtype)
+            if sz is None:
+                sz = self._sz[x.dtype] = self.sz.to(x.dtype)
+            return int4_linear(x, self.weight, sz, self.bias)
         if self.quantized:
             if self.dynamic:
                 return int8_dynamic_linear(x, self.weight, self._scales127, self.bias)

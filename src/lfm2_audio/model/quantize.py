@@ -22,6 +22,12 @@ depth embedding tables are only gathered from, so they stay as they are. The tex
 (`h @ embed_tokens.T`, 65536 x 2048) gets its own int8 copy: input lookups keep the exact
 table and the model's dtype.
 
+"int4" stores 4-bit codes with a bf16 scale and offset per group of INT4_GROUP input columns
+(asymmetric), weight-only: a quarter of the bf16 bytes, multiplied by
+`aten._weight_int4pack_mm_for_cpu` (CPU only). On 2 cores one activation row runs ~2.7x the
+bf16 GEMV's speed per weight matrix; for many rows (prefill) the kernel is compute-bound, ~2x
+slower than the dense bf16 GEMM.
+
 A quantized model is for inference: its state dict holds int8 weights and scales, which
 `save_pretrained` would write as-is; keep the original checkpoint.
 """
@@ -36,9 +42,10 @@ from torch import nn
 
 from ..errors import InputError
 
-QUANT_MODES = ("int8", "int8-dyn")
+QUANT_MODES = ("int8", "int8-dyn", "int4")
 # Above this many activation rows the int8 GEMV kernel loses to dequantize + dense GEMM.
 INT8_GEMV_MAX_ROWS = 4
+INT4_GROUP = 32  # input columns sharing one scale and offset
 
 
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.bfloat16, chunk: int = 4096):
@@ -127,6 +134,55 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales127: torch.Tenso
     return y.reshape(*lead, q.shape[0])
 
 
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP):
+    """[N, K] float weight -> (codes uint8 [N, K] in 0..15, scales_and_zeros bf16 [K / group, N, 2])
+    with w ~ (code - 8) * scale + zero per group of `group` columns, the layout the CPU int4
+    kernel takes. Scale and zero are rounded to bf16 before the codes are chosen, so the codes
+    are the best ones for what the kernel computes with."""
+    N, K = w.shape
+    if K % group:
+        raise InputError(f"int4 needs input sizes that are multiples of {group}, got {K}")
+    g = w.float().reshape(N, K // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    codes = ((g - zero[..., None]) / scale[..., None] + 8).round_().clamp_(0, 15).to(torch.uint8).reshape(N, K)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return codes, sz
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T (+ bias) for an int4 weight (`packed` in the CPU kernel's layout)."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, K).contiguous(), packed, K // sz.shape[0], sz.to(x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, packed.shape[0])
+
+
+class Int4Linear(nn.Module):
+    """Drop-in for nn.Linear with 4-bit weights: `weight` in the CPU int4 kernel's packed
+    layout, and `scales_and_zeros`."""
+
+    def __init__(self, codes: torch.Tensor, sz: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        self.register_buffer("scales_and_zeros", sz)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x):
+        return int4_linear(x, self.weight, self.scales_and_zeros, self.bias)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight the kernel multiplies by (read back through it: the packing is its own)."""
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        return int4_linear(eye, self.weight, self.scales_and_zeros.float()).t().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
+
+
 class Int8Linear(nn.Module):
     """Drop-in for nn.Linear with int8 weights; same attribute names (`weight`, `bias`) plus
     `scales`, so module paths and the fast engine find them where they were. `dynamic`:
@@ -158,14 +214,24 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
-def _replace_linears(module: nn.Module, dynamic: bool) -> int:
+def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> nn.Module:
+    if mode == "int4":
+        return Int4Linear(*quantize_int4(weight), bias)
+    return Int8Linear(*quantize_int8(weight), bias, dynamic=mode == "int8-dyn")
+
+
+def _quantized_linear(lin: nn.Linear, mode: str) -> nn.Module:
+    return _quantized(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), mode)
+
+
+def _replace_linears(module: nn.Module, mode: str) -> int:
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear.from_linear(child, dynamic))
+            setattr(module, name, _quantized_linear(child, mode))
             n += 1
         else:
-            n += _replace_linears(child, dynamic)
+            n += _replace_linears(child, mode)
     return n
 
 
@@ -177,21 +243,22 @@ def quantize_model(model, mode: str = "int8", backbone: bool = True, depthformer
     backbone: the LFM2 layers' projections (attention, short-conv, feed-forward);
     depthformer: its blocks and depth_linear; text_head: `model.lfm.text_head`, an int8 copy of
     the tied embedding for the text logits (the embedding itself stays for input lookups).
-    mode: "int8" (weight-only) or "int8-dyn" (activations quantized per row too), see above.
+    mode: "int8" (weight-only), "int8-dyn" (activations quantized per row too) or "int4"
+    (weight-only, grouped), see above.
     """
     if mode not in QUANT_MODES:
         raise InputError(f"quantize must be one of {QUANT_MODES}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise InputError(f"model is already quantized ({model.quantized})")
-    dynamic = mode == "int8-dyn"
+    if mode == "int4" and next(model.parameters()).device.type != "cpu":
+        raise InputError("int4 runs on the CPU only (torch's int4 kernel for CPU)")
     if backbone:
         for layer in model.lfm.layers:
-            _replace_linears(layer, dynamic)
+            _replace_linears(layer, mode)
     if depthformer:
-        _replace_linears(model.depthformer, dynamic)
-        model.depth_linear = Int8Linear.from_linear(model.depth_linear, dynamic)
+        _replace_linears(model.depthformer, mode)
+        model.depth_linear = _quantized_linear(model.depth_linear, mode)
     if text_head:
-        q, s = quantize_int8(model.lfm.embed_tokens.weight.detach())
-        model.lfm.text_head = Int8Linear(q, s, None, dynamic)
+        model.lfm.text_head = _quantized(model.lfm.embed_tokens.weight.detach(), None, mode)
     model.quantized = mode
     return model

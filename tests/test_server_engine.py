@@ -283,6 +283,10 @@ def test_engine_process_replies_as_the_engine_does(tiny_model, tokenizer):
             time.sleep(0.01)
         req.cancel()
         assert c.wait()[-1].reason == "cancelled" and engine.active_requests == 0
+        deadline = time.monotonic() + 5  # gauges follow the child's last iteration when it idles
+        while engine.stats.decoding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats.decoding == 0 and engine.stats.prefilling == 0
         session.close()
         other.close()
         deadline = time.monotonic() + 10

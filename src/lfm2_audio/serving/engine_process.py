@@ -42,6 +42,7 @@ from .reply import ReplyParams
 log = logging.getLogger("lfm2_audio.serving")
 
 START_TIMEOUT = 300.0  # seconds for the child to import, receive the model and allocate its cache
+STATS_INTERVAL = 0.5  # seconds: an idle child still sends the stats its last iteration left
 
 
 class RemoteRequest:
@@ -322,19 +323,26 @@ def _child_main(conn, model, tokenizer, fast, engine_args: dict, threads: int) -
     def sender() -> None:
         # One message per batch of whatever events are waiting: a decode step's 16 frames
         # cost one pickling and one wake-up of the parent's reader, not 16.
+        sent_stats = None
         while True:
-            items = [outbox.get()]
+            try:
+                items = [outbox.get(timeout=STATS_INTERVAL)]
+            except queue.Empty:
+                items = []  # idle: only the stats, if the engine's last iteration changed them
             while True:
                 try:
                     items.append(outbox.get_nowait())
                 except queue.Empty:
                     break
-            last = items[-1] is None
+            last = bool(items) and items[-1] is None
             items = [i for i in items if i is not None]
             batch, taken = steps[:], len(steps)
             del steps[:taken]
-            with send_lock:
-                conn.send(("events", items, dataclasses.asdict(engine.stats), batch))
+            stats = dataclasses.asdict(engine.stats)
+            if items or batch or stats != sent_stats:
+                with send_lock:
+                    conn.send(("events", items, stats, batch))
+                sent_stats = stats
             if last:
                 return
 

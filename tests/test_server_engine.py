@@ -313,6 +313,7 @@ def test_engine_process_that_dies_fails_its_replies_and_refuses_new_ones(tiny_mo
         assert events[-2].kind == "error" and events[-2].text == "internal_error" and events[-1].reason == "error"
         with pytest.raises(EngineClosed, match="died"):
             engine.open_session()
+        assert "died" in engine.failure  # what /health reports
 
 
 def test_codec_process_decodes_as_the_thread_does_and_survives_its_child():

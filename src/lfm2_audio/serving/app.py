@@ -1,7 +1,7 @@
 """The ASGI application: routes, error mapping, upload limits, the web page.
 
     GET  /                          the voice chat page (static/index.html)
-    GET  /health                    {"status": "ok" | "draining", ...}; 503 while draining
+    GET  /health                    {"status": "ok" | "draining" | "failed", ...}; 503 unless ok
     GET  /metrics                   Prometheus text format
     GET  /v1/models
     POST /v1/audio/transcriptions   multipart; json | text | verbose_json; stream=true for SSE
@@ -106,11 +106,15 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.get("/health")
     async def health():
         e = rt.engine
-        body = {"status": "draining" if rt.draining else "ok", "model": rt.config.model_name,
+        failure = getattr(e, "failure", None)  # the engine's child process died
+        status = "failed" if failure else "draining" if rt.draining else "ok"
+        body = {"status": status, "model": rt.config.model_name,
                 "sessions": {"open": e.open_sessions, "max": e.max_sessions, "waiting": rt.waiting},
                 "requests_in_flight": e.active_requests, "audio_output": rt.has_audio_output,
                 "vad": getattr(getattr(rt.vad, "scorer", None), "name", None)}
-        return JSONResponse(body, status_code=503 if rt.draining else 200)
+        if failure:
+            body["error"] = failure
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():

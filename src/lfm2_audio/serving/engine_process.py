@@ -163,6 +163,11 @@ class EngineProcess:
     def active_requests(self) -> int:
         return len(self._requests)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the child is gone, when it died (the server must be restarted)."""
+        return self._dead
+
     # ---- the API ------------------------------------------------------------------------------
 
     def open_session(self, system: str | None = None, max_context: int | None = None) -> RemoteSession:

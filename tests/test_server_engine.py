@@ -451,7 +451,10 @@ def test_runtime_decodes_griffin_lim_two_frames_a_call(tiny_model, tokenizer):
     try:
         gl = MelCodec(vocoder=GriffinLim())
         rt = Runtime(LFM2Audio(tiny_model, tokenizer, gl), ServeConfig(codec_process=False, threads=1))
-        assert rt.max_batch == 2 and gl.vocoder.backlog == 2
+        assert rt.max_batch == 2
+        rt.codec.host.decode([(0, np.zeros((1, 8, 1), np.int64))])
+        assert rt.codec.host.streams[0].vocoder.backlog == 2  # the replies' streams, ...
+        assert gl.vocoder.backlog is None and gl.stream(1).vocoder.backlog is None  # ... not the codec given
         rt.shutdown()
         rt = Runtime(LFM2Audio(tiny_model, tokenizer, tiny_codec()), ServeConfig(codec_process=False, threads=1))
         assert rt.max_batch == ReplyStream.MAX_BATCH == 8

@@ -107,16 +107,17 @@ class GriffinLim(nn.Module):
         stream = self.stream(log_mel.shape[0])
         return torch.cat([stream.push(log_mel), stream.flush()], dim=-1)
 
-    def stream(self, batch_size: int = 1) -> "GriffinLimStream":
-        return GriffinLimStream(self, batch_size)
+    def stream(self, batch_size: int = 1, backlog: int | None = None) -> "GriffinLimStream":
+        """backlog: this stream's own limit (default: the vocoder's)."""
+        return GriffinLimStream(self, batch_size, self.backlog if backlog is None else backlog)
 
 
 class GriffinLimStream:
     """push(log_mel [B, 80, t]) -> the samples that became final [B, s]; flush() -> the rest,
     so that all pushes and the flush give 256 samples per frame."""
 
-    def __init__(self, gl: GriffinLim, batch_size: int = 1):
-        self.gl, self.batch = gl, batch_size
+    def __init__(self, gl: GriffinLim, batch_size: int = 1, backlog: int | None = None):
+        self.gl, self.batch, self.backlog = gl, batch_size, backlog
         c = gl.cfg
         self.overlap = c.n_fft // gl.hop - 1  # committed frames that still overlap new ones
         self.pad = (c.n_fft - gl.hop) // 2
@@ -209,7 +210,7 @@ class GriffinLimStream:
             raise InputError(f"expected log-mel [{self.batch}, {self.gl.cfg.num_mels}, t], got {tuple(log_mel.shape)}")
         n = log_mel.shape[-1]
         w = self.gl.window or max(n, 1)
-        if self.gl.backlog is not None and n > w * self.gl.backlog:
+        if self.backlog is not None and n > w * self.backlog:
             w = n
         return [log_mel[..., i:i + w] for i in range(0, max(n, 1), w)]
 
@@ -222,7 +223,7 @@ class GriffinLimStream:
     def flush(self) -> torch.Tensor:
         empty = np.zeros((self.batch, 0, self.gl.cfg.n_fft // 2 + 1), np.float32)
         out = self._run(empty, final=True) if self.frames_in else np.zeros((self.batch, 0), np.float32)
-        self.__init__(self.gl, self.batch)
+        self.__init__(self.gl, self.batch, self.backlog)
         return torch.from_numpy(np.ascontiguousarray(out))
 
 

@@ -169,8 +169,9 @@ class MelCodec(CodecInterface, nn.Module):
             return torch.cat(parts + [stream.flush()], dim=1)
         return self.vocode(self.dequantize(codes))
 
-    def stream(self, batch_size: int = 1) -> "MelCodecStream":
-        return MelCodecStream(self, batch_size)
+    def stream(self, batch_size: int = 1, **vocoder_options) -> "MelCodecStream":
+        """vocoder_options go to the vocoder's stream (Griffin-Lim: `backlog`)."""
+        return MelCodecStream(self, batch_size, vocoder_options)
 
     # -- the pieces ----------------------------------------------------------------------------
 
@@ -314,16 +315,16 @@ class MelCodecStream:
     the rest; together they equal MelCodec.decode of all frames (to float rounding). Audio lags
     the codes by the vocoder's look-ahead (145 ms) plus the resampler's delay (~7 ms)."""
 
-    def __init__(self, codec: MelCodec, batch_size: int = 1):
+    def __init__(self, codec: MelCodec, batch_size: int = 1, vocoder_options: dict | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.codec, self.batch = codec, batch_size
+        self.codec, self.batch, self.vocoder_options = codec, batch_size, vocoder_options or {}
         self.reset()
 
     def reset(self) -> None:
         """Forget everything: the next decode() starts a new utterance."""
         c = self.codec.config
-        self.vocoder = self.codec.vocoder.stream(self.batch)
+        self.vocoder = self.codec.vocoder.stream(self.batch, **self.vocoder_options)
         self.resampler = soxr.ResampleStream(c.analysis_rate, c.sample_rate, self.batch, dtype="float32", quality=RESAMPLE_QUALITY)
         self.frames = 0
         self.ended = False  # an end-of-audio frame was seen: ignore further codes until flush

@@ -119,11 +119,14 @@ class CodecWorker:
     trip to the child instead of one per reply. (16 replies of the demo model with Griffin-Lim:
     ~1 ms of the codec's CPU per frame against ~2 ms one reply at a time.)"""
 
-    def __init__(self, codec, process: bool | None = None, threads: int | None = None):
+    def __init__(self, codec, process: bool | None = None, threads: int | None = None,
+                 stream_options: dict | None = None):
+        """stream_options: what each reply's `codec.stream(1, **options)` gets."""
         self.codec = codec
+        self.stream_options = stream_options or {}
         self.process = codec is not None and (codec_on_cpu(codec) if process is None else bool(process))
         self.threads = threads or torch.get_num_threads()
-        self.host = None if self.process else CodecHost(codec)  # a thread worker's streams
+        self.host = None if self.process else CodecHost(codec, self.stream_options)  # a thread worker's streams
         self._restart = None  # the replacement child starting
         self._waiting: list = []  # (stream id, codes, future) for the next call
         self._draining = False
@@ -135,7 +138,7 @@ class CodecWorker:
         if self.process:
             # spawn, not fork: this process already runs torch's thread pools.
             pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_child_init, initargs=(self.codec, self.threads))
+                                       initializer=_child_init, initargs=(self.codec, self.threads, self.stream_options))
             try:
                 with main_hidden():
                     pool.submit(_child_ping).result()  # start it now, not on a reply's time to audio
@@ -144,7 +147,7 @@ class CodecWorker:
                 log.warning("cannot start the codec process; decoding on a thread", exc_info=True)
                 pool.shutdown(wait=True, cancel_futures=True)
                 self.process = False
-                self.host = CodecHost(self.codec)
+                self.host = CodecHost(self.codec, self.stream_options)
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm2-codec")
 
     @property
@@ -259,14 +262,14 @@ class CodecHost:
     """The codec's side of the worker (in the child, or on the worker's thread): each reply's
     stream under the id its StreamDecoder has."""
 
-    def __init__(self, codec):
-        self.codec, self.streams = codec, {}
+    def __init__(self, codec, stream_options: dict | None = None):
+        self.codec, self.streams, self.stream_options = codec, {}, stream_options or {}
 
     def decode(self, pushes: list[tuple[int, np.ndarray]]) -> list[np.ndarray]:
         streams = []
         for stream_id, _ in pushes:
             if stream_id not in self.streams:
-                self.streams[stream_id] = self.codec.stream(1)
+                self.streams[stream_id] = self.codec.stream(1, **self.stream_options)
             streams.append(self.streams[stream_id])
         with torch.inference_mode():
             out = decode_streams(streams, [torch.from_numpy(c) for _, c in pushes])
@@ -291,10 +294,10 @@ class CodecHost:
 _host: CodecHost | None = None
 
 
-def _child_init(codec, threads: int) -> None:
+def _child_init(codec, threads: int, stream_options: dict) -> None:
     global _host
     torch.set_num_threads(threads)
-    _host = CodecHost(codec)
+    _host = CodecHost(codec, stream_options)
 
 
 def _child_ping() -> bool:

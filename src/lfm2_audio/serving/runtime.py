@@ -319,13 +319,13 @@ class Runtime:
 
             torch.set_num_threads(c.threads)
         self.metrics = Metrics()
-        self.max_batch = ReplyStream.MAX_BATCH
-        vocoder = getattr(lfm.codec, "vocoder", None)
-        if isinstance(vocoder, GriffinLim):
+        self.max_batch, stream_options = ReplyStream.MAX_BATCH, {}
+        if isinstance(getattr(lfm.codec, "vocoder", None), GriffinLim):
             # Its runs cost the same per frame in any batch: decode 2 frames a call at most, and
             # let a backlog (a codec falling behind under load) be vocoded the cheap way.
-            vocoder.backlog = self.max_batch = 2
-        self.codec = CodecWorker(lfm.codec, process=c.codec_process, threads=c.threads or 1)
+            self.max_batch, stream_options = 2, {"backlog": 2}
+        self.codec = CodecWorker(lfm.codec, process=c.codec_process, threads=c.threads or 1,
+                                 stream_options=stream_options)
         if not c.threads and self.codec.process:
             import torch
 

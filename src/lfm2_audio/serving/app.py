@@ -106,14 +106,13 @@ def create_app(rt: Runtime) -> FastAPI:
     @app.get("/health")
     async def health():
         e = rt.engine
-        failure = getattr(e, "failure", None)  # the engine's child process died
-        status = "failed" if failure else "draining" if rt.draining else "ok"
+        status = "failed" if e.failure else "draining" if rt.draining else "ok"
         body = {"status": status, "model": rt.config.model_name,
                 "sessions": {"open": e.open_sessions, "max": e.max_sessions, "waiting": rt.waiting},
                 "requests_in_flight": e.active_requests, "audio_output": rt.has_audio_output,
                 "vad": getattr(getattr(rt.vad, "scorer", None), "name", None)}
-        if failure:
-            body["error"] = failure
+        if e.failure:  # the engine's child process died
+            body["error"] = e.failure
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")

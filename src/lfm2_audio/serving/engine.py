@@ -156,6 +156,10 @@ def engine_limits(model, max_sessions: int, max_context: int) -> tuple[int, int]
 
 
 class Engine:
+    # Why the engine can no longer serve, once it cannot (an engine on a thread fails at start,
+    # raising; EngineProcess sets it when its child dies).
+    failure: str | None = None
+
     def __init__(self, model, tokenizer, max_sessions: int = 16, max_context: int = 4096,
                  prefill_chunk: int = 2048, prefill_budget: float = 0.1,
                  on_slot_freed: Callable[[], None] | None = None):
@@ -220,23 +224,27 @@ class Engine:
     def open_session(self, system: str | None = None, max_context: int | None = None) -> Session:
         """A new conversation (with `system` as its system turn) on a free row; raises
         EngineFull when every row is taken and EngineClosed once stopping."""
+        session = Session(self, self._admit(system, max_context))
+        self._post("open", session)
+        return session
+
+    def _admit(self, system: str | None, max_context: int | None) -> Conversation:
+        """Count a new session in (or refuse it) and make its conversation; the count is given
+        back if the conversation cannot be made (a system prompt over the limit, ...)."""
         limit = self.max_context if max_context is None else min(int(max_context), self.max_context)
         if limit < 16:
             raise InputError("max_context must be at least 16 positions")
         with self._lock:
-            if self._stopped:
-                raise EngineClosed("the engine is shutting down")
+            if self._stopped or self.failure:
+                raise EngineClosed(self.failure or "the engine is shutting down")
             if self._open >= self.max_sessions:
                 raise EngineFull(f"all {self.max_sessions} sessions are in use")
             self._open += 1
         try:
-            conv = Conversation(self.model, self.tokenizer, system=system, max_context=limit)
+            return Conversation(self.model, self.tokenizer, system=system, max_context=limit)
         except BaseException:
             self._release_admission()
             raise
-        session = Session(self, conv)
-        self._post("open", session)
-        return session
 
     def features(self, audio, sample_rate: int | None = None) -> Features:
         """Log-mel features of user audio (any thread): a path, bytes, file or array."""

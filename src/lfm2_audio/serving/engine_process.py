@@ -29,14 +29,11 @@ import signal
 import threading
 from typing import Callable
 
-import numpy as np
 import torch
 
-from ..errors import InputError
-from ..generation.chat import Conversation
 from ..generation.generate import Event
 from .audio import main_hidden
-from .engine import Engine, EngineClosed, EngineFull, EngineStats, Features, engine_limits
+from .engine import Engine, EngineClosed, EngineStats, Features, engine_limits
 from .reply import ReplyParams
 
 log = logging.getLogger("lfm2_audio.serving")
@@ -91,9 +88,11 @@ class RemoteSession:
 
 
 class EngineProcess:
-    # Engine's code where it reads only what both keep (log-mel runs on the caller's side).
+    # Engine's code where it reads only what both keep (log-mel runs on the caller's side;
+    # admission is counted on this side).
     features, features_16k = Engine.features, Engine.features_16k
     __enter__, __exit__, open_sessions = Engine.__enter__, Engine.__exit__, Engine.open_sessions
+    _admit, _release_admission = Engine._admit, Engine._release_admission
 
     def __init__(self, model, tokenizer, max_sessions: int = 16, max_context: int = 4096,
                  prefill_chunk: int = 2048, prefill_budget: float = 0.1,
@@ -115,7 +114,7 @@ class EngineProcess:
         self._requests: dict[int, RemoteRequest] = {}
         self._rids = itertools.count(1)
         self._stopped = False
-        self._dead: str | None = None
+        self.failure: str | None = None  # why the child is gone, once it died (restart the server)
         self._process = self._conn = self._reader = None
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -163,33 +162,19 @@ class EngineProcess:
     def active_requests(self) -> int:
         return len(self._requests)
 
-    @property
-    def failure(self) -> str | None:
-        """Why the child is gone, when it died (the server must be restarted)."""
-        return self._dead
-
     # ---- the API ------------------------------------------------------------------------------
 
     def open_session(self, system: str | None = None, max_context: int | None = None) -> RemoteSession:
-        limit = self.max_context if max_context is None else min(int(max_context), self.max_context)
-        if limit < 16:
-            raise InputError("max_context must be at least 16 positions")
-        Conversation(self.model, self.tokenizer, system=system, max_context=limit)  # its errors, here and now
-        with self._lock:
-            if self._stopped or self._dead:
-                raise EngineClosed(self._dead or "the engine is shutting down")
-            if self._open >= self.max_sessions:
-                raise EngineFull(f"all {self.max_sessions} sessions are in use")
-            self._open += 1
+        conv = self._admit(system, max_context)  # its errors here and now; the child makes its own
         session = RemoteSession(self)
-        self._send(("open", session.id, system, limit))
+        self._send(("open", session.id, system, conv.max_context))
         return session
 
     def _submit(self, session: RemoteSession, turns, params: ReplyParams, sink) -> RemoteRequest:
         req = RemoteRequest(session, next(self._rids), sink)
         self._requests[req.id] = req
-        if self._dead:
-            self._end_with_error(req, self._dead)
+        if self.failure:
+            self._end_with_error(req, self.failure)
         else:
             self._send(("submit", req.id, session.id, _portable_turns(turns), params))
         return req
@@ -227,7 +212,7 @@ class EngineProcess:
                 observe(dt, n)
         for item in items:
             if item[0] == "freed":
-                self._freed()
+                self._release_admission()
                 continue
             rid, (kind, token, text, frame, reason), end = item
             req = self._requests.get(rid)
@@ -245,18 +230,9 @@ class EngineProcess:
             except Exception:  # the consumer went away
                 log.exception("event sink failed")
 
-    def _freed(self) -> None:
-        with self._lock:
-            self._open -= 1
-        if self.on_slot_freed is not None:
-            try:
-                self.on_slot_freed()
-            except Exception:
-                log.exception("on_slot_freed failed")
-
     def _died(self, why: str) -> None:
         log.error("%s; replies in flight end with an error, new sessions are refused", why)
-        self._dead = why
+        self.failure = why
         for req in list(self._requests.values()):
             self._end_with_error(req, why)
 

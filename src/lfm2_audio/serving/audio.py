@@ -126,7 +126,7 @@ class CodecWorker:
         self.stream_options = stream_options or {}
         self.process = codec is not None and (codec_on_cpu(codec) if process is None else bool(process))
         self.threads = threads or torch.get_num_threads()
-        self.host = None if self.process else CodecHost(codec, self.stream_options)  # a thread worker's streams
+        self.host = CodecHost(codec, self.stream_options)  # the streams, when decoding on a thread
         self._restart = None  # the replacement child starting
         self._waiting: list = []  # (stream id, codes, future) for the next call
         self._draining = False
@@ -147,7 +147,6 @@ class CodecWorker:
                 log.warning("cannot start the codec process; decoding on a thread", exc_info=True)
                 pool.shutdown(wait=True, cancel_futures=True)
                 self.process = False
-                self.host = CodecHost(self.codec, self.stream_options)
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lfm2-codec")
 
     @property

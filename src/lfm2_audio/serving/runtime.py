@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..generation.chat import SYSTEM_PROMPTS, VOICES, transcript_token_cap
@@ -315,8 +316,6 @@ class Runtime:
             if not isinstance(lfm.model, FastLFM2Audio):
                 lfm.model = FastLFM2Audio(lfm.model, threads=c.threads)
         if c.threads:
-            import torch
-
             torch.set_num_threads(c.threads)
         self.metrics = Metrics()
         self.max_batch, stream_options = ReplyStream.MAX_BATCH, {}
@@ -327,8 +326,6 @@ class Runtime:
         self.codec = CodecWorker(lfm.codec, process=c.codec_process, threads=c.threads or 1,
                                  stream_options=stream_options)
         if not c.threads and self.codec.process:
-            import torch
-
             from ..generation.fast import usable_cores
 
             # The codec's child has a core to itself: the engine leaves it that core rather than
@@ -339,8 +336,6 @@ class Runtime:
         engine_args = dict(max_sessions=c.max_sessions, max_context=c.max_context, prefill_chunk=c.prefill_chunk,
                            prefill_budget=c.prefill_budget, on_slot_freed=self._slot_freed)
         if in_child:
-            import torch
-
             self.engine = EngineProcess(lfm.model, lfm.tokenizer, threads=torch.get_num_threads(), fast=fast,
                                         **engine_args)
         else:

@@ -227,7 +227,6 @@ class GriffinLimStream:
         return torch.from_numpy(np.ascontiguousarray(out))
 
 
-
 @torch.no_grad()
 def push_many(streams: list[GriffinLimStream], log_mels: list[torch.Tensor]) -> list[torch.Tensor]:
     """`stream.push(log_mel)` for several streams of one vocoder (a server's replies): runs that

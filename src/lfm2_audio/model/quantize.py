@@ -1,4 +1,4 @@
-"""Int8 weights for the decode-time matmuls (backbone, depthformer, depth_linear, text head).
+"""Int8 and int4 weights for the decode-time matmuls (backbone, depthformer, depth_linear, text head).
 
 Decoding one token reads every weight once for a single activation row, so its speed is the
 weight bytes over memory bandwidth: int8 halves the bytes of bf16. Weights are stored as int8
@@ -28,8 +28,8 @@ table and the model's dtype.
 bf16 GEMV's speed per weight matrix; for many rows (prefill) the kernel is compute-bound, ~2x
 slower than the dense bf16 GEMM.
 
-A quantized model is for inference: its state dict holds int8 weights and scales, which
-`save_pretrained` would write as-is; keep the original checkpoint.
+A quantized model is for inference: its state dict holds int8 (or packed int4) weights and
+their scales, which `save_pretrained` would write as-is; keep the original checkpoint.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ from lfm2_audio.generation.chat import Conversation
 from lfm2_audio.generation.fast import FastLFM2Audio, use_all_cores
 from lfm2_audio.generation.generate import generate
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel, parse_dtype
-from lfm2_audio.model.quantize import quantize_model
+from lfm2_audio.model.quantize import QUANT_MODES, quantize_model
 
 
 def forced_text(cfg) -> tuple[int, ...]:
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-official")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--quantize", default=None, choices=["int8", "int8-dyn", "int4"])
+    ap.add_argument("--quantize", default=None, choices=QUANT_MODES)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch", default="1", help="a batch size, or a comma list for a sweep (the first one is "
                                                    "the batch of text_tok_s / audio_fps)")

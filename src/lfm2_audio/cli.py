@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import VOCODERS, WORKERS
+from .config import QUANT_MODES, VOCODERS, WORKERS
 from .errors import InputError
 
 
@@ -25,7 +25,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("fast", "plain"), default="fast",
                    help="fast: fused decode path (same greedy tokens); plain: the eager reference-style model")
-    p.add_argument("--quantize", choices=("int8", "int8-dyn", "int4"), default=None,
+    p.add_argument("--quantize", choices=QUANT_MODES, default=None,
                    help="int8: weight-only int8 decode matmuls (CPU, bf16 models); int8-dyn: int8 activations too; "
                         "int4: 4-bit weights in groups of 32 (CPU; fastest decode, lossy: see the README)")
 

@@ -22,6 +22,7 @@ AUDIO_CODES = 2048  # real codes per codebook
 END_OF_AUDIO = 2048  # extra code that ends an audio segment
 AUDIO_VOCAB = AUDIO_CODES + 1  # classes per codebook
 VOCODERS = ("hifigan", "griffin-lim")  # what the demo model's mel codec can vocode with
+QUANT_MODES = ("int8", "int8-dyn", "int4")  # model/quantize.py's modes (--quantize)
 WORKERS = {"auto": None, "process": True, "thread": False}  # --codec-worker / --engine-worker -> ServeConfig
 MODALITY_TEXT, MODALITY_AUDIO_IN, MODALITY_AUDIO_OUT = 1, 2, 3
 

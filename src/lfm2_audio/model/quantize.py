@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import QUANT_MODES
 from ..errors import InputError
 
-QUANT_MODES = ("int8", "int8-dyn", "int4")
 # Above this many activation rows the int8 GEMV kernel loses to dequantize + dense GEMM.
 INT8_GEMV_MAX_ROWS = 4
 INT4_GROUP = 32  # input columns sharing one scale and offset

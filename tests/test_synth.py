@@ -108,6 +108,8 @@ def test_conversation_format():
         for m, turn in zip(r["messages"][2::2], r["meta"]["turns"]):
             seg = m["content"][0]
             assert seg["type"] == "interleaved" and seg["text"] == turn["answer"]
+        for m, turn in zip(r["messages"][1::2], r["meta"]["turns"]):  # the spoken question's words
+            assert m["content"][0]["transcript"] == turn["question"]
 
 
 # ---- the question family -------------------------------------------------------------------------

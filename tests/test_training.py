@@ -341,15 +341,22 @@ def test_precompute_cli_from_jsonl(tok, cfg, tmp_path):
     rows = [{"messages": [{"role": "system", "content": "Perform ASR."},
                           {"role": "user", "content": [{"type": "audio", "path": "a.wav"}]},
                           {"role": "assistant", "content": [{"type": "text", "text": "hello"}]}]},
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["hello"]}]}]
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["hello"]}]},
+            # a spoken question with its words: the clip's CTC target is the question, not the reply
+            {"messages": [{"role": "user", "content": [{"type": "audio", "path": "a.wav", "transcript": "two plus two"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "four"}]}]}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     rc = precompute_main([str(tmp_path / "c.jsonl"), str(tmp_path / "out"), "--config", str(tmp_path / "config.json"),
                           "--tokenizer", str(ASSETS / "tokenizer.json")])
     assert rc == 0
     store = SampleStore(tmp_path / "out")
-    assert len(store) == 2 and len(store[0].audio_in) == 1 and store[0].audio_in[0].shape == (128, 76)
+    assert len(store) == 3 and len(store[0].audio_in) == 1 and store[0].audio_in[0].shape == (128, 76)
     assert store[1].text.tolist() == map_conversation([Message("user", ["hi"]), Message("assistant", ["hello"])], tok, cfg).text.tolist()
+    assert store[0].transcripts == [None] and store[1].transcripts == []
+    assert store[2].transcripts[0].tolist() == tok.encode("two plus two")
+    batch = collate([[store[0], store[1]], [store[2]]])
+    assert [t.tolist() for t in batch.transcripts] == [tok.encode("hello"), tok.encode("two plus two")]
 
 
 def test_config_errors(dataset, tmp_path):

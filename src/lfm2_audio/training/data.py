@@ -51,10 +51,13 @@ class Text:
 
 @dataclass
 class Audio:
-    """A clip: a path, the bytes of an audio file, or samples (array/tensor, then give the rate)."""
+    """A clip: a path, the bytes of an audio file, or samples (array/tensor, then give the rate).
+    transcript: the words spoken in a user clip, when known; the trainer's auxiliary CTC loss
+    uses it (an ASR sample's reply already is its clip's transcript)."""
 
     source: object
     sample_rate: int | None = None
+    transcript: str | None = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Sample:
     audio_out: torch.Tensor  # [N_frames, K] int64, codes in [0, 2048]
     modality: torch.Tensor  # [L] int64: 1 text, 2 audio-in, 3 audio-out
     supervised: torch.Tensor  # [L] bool
+    transcripts: list = field(default_factory=list)  # per audio_in clip: token ids of its Audio.transcript, or None
 
     def __len__(self) -> int:
         return int(self.modality.shape[0])
@@ -113,6 +117,7 @@ class _Builder:
         self.text: list[int] = []
         self.audio_in: list[torch.Tensor] = []
         self.audio_out: list[torch.Tensor] = []
+        self.transcripts: list = []
         self.modality: list[int] = []
         self.supervised: list[bool] = []
 
@@ -125,8 +130,9 @@ class _Builder:
         # One encode call per piece: BPE merges never cross piece boundaries, like inference.
         self.add_ids(self.tok.encode(text), supervised)
 
-    def add_audio_in(self, features: torch.Tensor, positions: int) -> None:
+    def add_audio_in(self, features: torch.Tensor, positions: int, transcript: str | None = None) -> None:
         self.audio_in.append(features)
+        self.transcripts.append(None if not transcript else torch.tensor(self.tok.encode(transcript), dtype=torch.int64))
         self.modality += [MODALITY_AUDIO_IN] * positions
         self.supervised += [False] * positions
 
@@ -142,6 +148,7 @@ class _Builder:
             audio_out=torch.cat(self.audio_out) if self.audio_out else torch.zeros(0, codebooks, dtype=torch.int64),
             modality=torch.tensor(self.modality, dtype=torch.int64),
             supervised=torch.tensor(self.supervised, dtype=torch.bool),
+            transcripts=self.transcripts,
         )
 
 
@@ -235,7 +242,7 @@ def map_conversation(conversation, tokenizer: Tokenizer, cfg: LFM2AudioConfig, c
                 b.add_text(seg.text, sup)
             elif isinstance(seg, Audio) and not sup:
                 feats = audio_in_features(seg, cfg, audio_in_frames)
-                b.add_audio_in(feats, int(subsampled_length(feats.shape[-1], stages)))
+                b.add_audio_in(feats, int(subsampled_length(feats.shape[-1], stages)), seg.transcript)
             elif isinstance(seg, Audio):
                 b.add_ids([tokenizer.audio_start_id], True)
                 b.add_frames(audio_out_frames(seg, codec, K))
@@ -275,7 +282,7 @@ def _segment_from_json(seg, base: Path):
     path = seg.get("path")
     if not isinstance(path, str):
         raise InputError(f"{kind} segment needs a 'path' string: {seg!r}")
-    audio = Audio(str(base / path))
+    audio = Audio(str(base / path), transcript=seg.get("transcript"))
     if kind == "audio":
         return audio
     if kind == "interleaved":
@@ -290,8 +297,9 @@ def read_conversations(path) -> Iterator[list[Message]]:
                       {"role": "user", "content": [{"type": "audio", "path": "clips/a.wav"}]},
                       {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]}
 
-    Segments: a string (text), {"type": "text", "text"}, {"type": "audio", "path"},
-    {"type": "interleaved", "text", "path"}. Paths are relative to the JSONL file.
+    Segments: a string (text), {"type": "text", "text"}, {"type": "audio", "path"} (optionally
+    with "transcript", the words spoken in a user clip), {"type": "interleaved", "text", "path"}.
+    Paths are relative to the JSONL file.
     """
     path = Path(path)
     if not path.is_file():
@@ -350,6 +358,7 @@ class SampleWriter:
             return
         s = self.pending
         clips = [c for x in s for c in x.audio_in]
+        said = [t for x in s for t in _per_clip(x.transcripts, len(x.audio_in))]
         tensors = {
             "counts": torch.tensor([[len(x), x.text.numel(), len(x.audio_in), x.audio_out.shape[0]] for x in s], dtype=torch.int64),
             "text": torch.cat([x.text for x in s]).to(torch.int32),
@@ -359,6 +368,9 @@ class SampleWriter:
             "audio_out": torch.cat([x.audio_out for x in s]).to(torch.int16),
             "modality": torch.cat([x.modality for x in s]).to(torch.uint8),
             "supervised": torch.cat([x.supervised for x in s]).to(torch.uint8),
+            # per clip: the length of its transcript's ids in "transcript_ids", -1 when it has none
+            "clip_transcript_len": torch.tensor([-1 if t is None else t.numel() for t in said], dtype=torch.int64),
+            "transcript_ids": torch.cat([t for t in said if t is not None] or [torch.zeros(0, dtype=torch.int64)]).to(torch.int32),
         }
         name = f"shard-{len(self.shards):05d}.safetensors"
         save_file(tensors, str(self.dir / name))
@@ -397,7 +409,10 @@ class SampleStore:
                 offsets = torch.cat([torch.zeros(1, 4, dtype=torch.int64), counts.cumsum(0)])
                 clip_frames = f.get_tensor("clip_frames")
                 clip_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), clip_frames.cumsum(0)])
-                self.files.append((f, offsets, clip_frames, clip_offsets))
+                # sets precomputed before clip transcripts existed have none
+                said = f.get_tensor("clip_transcript_len") if "clip_transcript_len" in f.keys() else None
+                said_offsets = None if said is None else torch.cat([torch.zeros(1, dtype=torch.int64), said.clamp(min=0).cumsum(0)])
+                self.files.append((f, offsets, clip_frames, clip_offsets, said, said_offsets))
                 fi = len(self.files) - 1
                 rows += [(fi, i) for i in range(counts.shape[0])]
                 lengths.append(counts[:, 0].numpy())
@@ -409,16 +424,22 @@ class SampleStore:
 
     def __getitem__(self, idx: int) -> Sample:
         fi, i = self.rows[idx]
-        f, off, clip_frames, clip_off = self.files[fi]
+        f, off, clip_frames, clip_off, said, said_off = self.files[fi]
         (p0, t0, c0, a0), (p1, t1, c1, a1) = off[i].tolist(), off[i + 1].tolist()
         audio = f.get_slice("audio_in")[int(clip_off[c0]) : int(clip_off[c1])]
         clips = [c.T.contiguous() for c in torch.split(audio, clip_frames[c0:c1].tolist())] if c1 > c0 else []
+        transcripts = []
+        if said is not None and c1 > c0:
+            ids = f.get_slice("transcript_ids")[int(said_off[c0]) : int(said_off[c1])].long()
+            pieces = torch.split(ids, said[c0:c1].clamp(min=0).tolist())
+            transcripts = [None if n < 0 else t for n, t in zip(said[c0:c1].tolist(), pieces)]
         return Sample(
             text=f.get_slice("text")[t0:t1].long(),
             audio_in=clips,
             audio_out=f.get_slice("audio_out")[a0:a1].long(),
             modality=f.get_slice("modality")[p0:p1].long(),
             supervised=f.get_slice("supervised")[p0:p1].bool(),
+            transcripts=transcripts,
         )
 
 
@@ -523,7 +544,7 @@ def collate(rows: list[list[Sample]], pad_id: int = 0, length: int | None = None
         for j, s in enumerate(row):
             text.append(s.text)
             audio_in += s.audio_in
-            transcripts += [asr_transcript(s)] if len(s.audio_in) == 1 else [None] * len(s.audio_in)
+            transcripts += clip_transcripts(s)
             audio_out.append(s.audio_out)
             mod.append(s.modality)
             sup.append(s.supervised)
@@ -554,6 +575,19 @@ def collate(rows: list[list[Sample]], pad_id: int = 0, length: int | None = None
 
 
 FIRST_REGULAR_ID = 134  # LFM2 tokenizers keep their special tokens below this id (spec §4)
+
+
+def _per_clip(transcripts: list, n_clips: int) -> list:
+    return list(transcripts) if len(transcripts) == n_clips else [None] * n_clips
+
+
+def clip_transcripts(s: Sample) -> list:
+    """Per audio_in clip, its transcript's token ids or None: the clip's own transcript when the
+    conversation gave one, else, for an ASR sample, the reply (`asr_transcript`)."""
+    out = _per_clip(s.transcripts, len(s.audio_in))
+    if len(out) == 1 and out[0] is None:
+        out[0] = asr_transcript(s)
+    return out
 
 
 def asr_transcript(s: Sample) -> torch.Tensor | None:

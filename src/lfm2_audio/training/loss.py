@@ -178,8 +178,9 @@ def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float
 
 
 def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Summed CTC loss of each ASR clip's encoded vectors (adapter outputs) against its
-    transcript, read through the final norm (embedding_norm) and the text head, blank = the pad id 0.
+    """Summed CTC loss of each transcribed clip's encoded vectors (adapter outputs) against its
+    transcript (an ASR sample's reply, or a user clip's `Audio.transcript`), read through the
+    final norm (embedding_norm) and the text head, blank = the pad id 0.
 
     An auxiliary loss for training from scratch: with the spec's loss alone a fresh model learns
     the text prior first, the encoder's gradient stays weak, and its output collapses to one

@@ -768,7 +768,7 @@ def plan_s2s(rng: random.Random, p: Pools, split: str, i: int, assistant_voice: 
         qa = follow_up(prev, rng, split) if prev is not None and rng.random() < 0.5 else None
         qa = qa or p.question(rng)
         question = Utterance.of(qa.question, voice, INPUT_RATE, gain)
-        messages.append({"role": "user", "content": [{"type": "audio", "utt": question}]})
+        messages.append({"role": "user", "content": [{"type": "audio", "utt": question, "transcript": qa.question}]})
         messages.append({"role": "assistant", "content": [
             {"type": "interleaved", "text": qa.answer,
              "utt": Utterance.of(qa.answer, TTS_VOICES[assistant_voice], OUTPUT_RATE)}]})

@@ -14,7 +14,7 @@ if [[ ! -f src/lfm2_audio/assets/demo-model/config.json ]]; then
     "$out/random-tiny" tests/assets/tokenizer.json
   model_args=(--model "$out/random-tiny")
 fi
-echo "== chat: $examples/question.wav (\"What is eight minus seven?\")"
+echo "== chat: $examples/question.wav (\"Which day follows Thursday?\")"
 .venv/bin/lfm2-audio chat "$examples/question.wav" --out-dir "$out" --max-new-tokens 200 --seed 0 "${model_args[@]}"
 echo "== asr: $examples/sentence.wav (\"He opened the meeting with a long speech.\")"
 .venv/bin/lfm2-audio asr "$examples/sentence.wav" --max-new-tokens 100 "${model_args[@]}"

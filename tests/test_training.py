@@ -359,6 +359,30 @@ def test_precompute_cli_from_jsonl(tok, cfg, tmp_path):
     assert [t.tolist() for t in batch.transcripts] == [tok.encode("hello"), tok.encode("two plus two")]
 
 
+def test_encoder_pretraining_clips_asr_or_every_transcribed_one(tok, cfg, tmp_path):
+    from tokenizers import Tokenizer as BPE
+
+    from lfm2_audio.training.data import FIRST_REGULAR_ID
+    from lfm2_audio.training.encoder_ctc import EncoderPretrainConfig, load_clips
+
+    asr, tts, s2s, text_only = _conversations(4, seed=3)
+    spoken = Message("user", [Audio(_wave(16000, 5), 16000, transcript="two plus two")])
+    s2s = [s2s[0], spoken, s2s[2]] + s2s[1:]  # a transcribed question first, then the untranscribed one
+    precompute([asr, tts, s2s, text_only], tmp_path / "set", tok, cfg, FakeCodec())
+    store = SampleStore(tmp_path / "set")
+    ctc_tok = BPE.from_file(str(ASSETS / "tokenizer.json"))
+    asr_words = asr[2].content[0]
+    assert [t for _, t, _ in load_clips(store, tok, ctc_tok)] == [asr_words]
+    clips = load_clips(store, tok, ctc_tok, which="transcribed")
+    assert [t for _, t, _ in clips] == [asr_words, "two plus two"]
+    assert clips[1][0].shape == store[2].audio_in[0].shape
+    assert clips[1][2].tolist() == [i for i in ctc_tok.encode("two plus two").ids if i >= FIRST_REGULAR_ID]
+    assert len(load_clips(store, tok, ctc_tok, limit=1, which="transcribed")) == 1
+    with pytest.raises(InputError, match="clips"):
+        EncoderPretrainConfig.from_dict(dict(model_config="c", tokenizer="t", ctc_tokenizer="x", train_data="d",
+                                             output_dir="o", clips="all"))
+
+
 def test_config_errors(dataset, tmp_path):
     with pytest.raises(InputError):
         TrainConfig.from_dict({"output_dir": "x", "train_data": "y", "model_config": "z", "lrr": 1})

@@ -11,7 +11,8 @@ This stage trains the conformer with a head of its own (LayerNorm + linear) over
 vocabulary (`ctc_tokenizer`, a few hundred ids): units shared by many words are learned from
 many more examples than whole-word tokens, and it runs ~8x more clips per second than the full
 model. The transcripts are the ASR samples' supervised text (stored as the model tokenizer's ids,
-decoded and re-encoded here). The output, `OUTPUT_DIR/encoder.safetensors`, holds `conformer.*`
+decoded and re-encoded here), and with `clips="transcribed"` also every other user clip that
+carries its words (`Audio.transcript`, e.g. spoken questions). The output, `OUTPUT_DIR/encoder.safetensors`, holds `conformer.*`
 (the names of the full model) and `ctc_head.*`; `TrainConfig.init_encoder_from` loads it.
 
 The stage is short and restartable from scratch, so it saves at every evaluation but keeps no
@@ -36,7 +37,7 @@ from ..config import LFM2AudioConfig
 from ..errors import InputError
 from ..model.conformer import ConformerEncoder, pad_clips
 from ..processor import Tokenizer
-from .data import FIRST_REGULAR_ID, SampleStore, asr_transcript
+from .data import FIRST_REGULAR_ID, SampleStore, asr_transcript, clip_transcripts
 from .loss import freeze_batchnorm
 from .trainer import config_arguments, config_from_dict, init_weights, load_config_file, lr_at, param_groups
 
@@ -68,12 +69,15 @@ class EncoderPretrainConfig:
     log_every: int = 50
     eval_every: int = 500
     eval_clips: int = 64
+    clips: str = "asr"  # "asr": ASR samples' clips; "transcribed": every clip whose words are known
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderPretrainConfig:
         cfg = config_from_dict(cls, d, "encoder pretraining config")
         if cfg.precision not in ("bf16", "fp32"):
             raise InputError(f"precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
+        if cfg.clips not in ("asr", "transcribed"):
+            raise InputError(f"clips must be 'asr' or 'transcribed', got {cfg.clips!r}")
         for name in ("batch_clips", "max_steps", "log_every", "eval_every", "eval_clips"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise InputError(f"{name} must be a positive integer")
@@ -120,20 +124,22 @@ def greedy_decode(log_probs: torch.Tensor, lengths: list[int]) -> list[list[int]
     return out
 
 
-def load_clips(store: SampleStore, tok: Tokenizer, ctc_tok, limit: int | None = None):
-    """(log-mel, transcript text, CTC target ids) of every ASR sample in a store."""
+def load_clips(store: SampleStore, tok: Tokenizer, ctc_tok, limit: int | None = None, which: str = "asr"):
+    """(log-mel, transcript text, CTC target ids) of every ASR sample's clip in a store, or with
+    which="transcribed" of every clip with a transcript."""
     clips = []
     for i in range(len(store)):
         s = store[i]
-        ids = asr_transcript(s)
-        if ids is None:
-            continue
-        text = tok.decode(ids.tolist())
-        target = [t for t in ctc_tok.encode(text).ids if t >= FIRST_REGULAR_ID]
-        if target:
-            clips.append((s.audio_in[0], text, torch.tensor(target)))
+        said = clip_transcripts(s) if which == "transcribed" else [asr_transcript(s)]
+        for features, ids in zip(s.audio_in, said):
+            if ids is None:
+                continue
+            text = tok.decode(ids.tolist())
+            target = [t for t in ctc_tok.encode(text).ids if t >= FIRST_REGULAR_ID]
+            if target:
+                clips.append((features, text, torch.tensor(target)))
         if limit and len(clips) >= limit:
-            break
+            return clips[:limit]
     return clips
 
 
@@ -209,8 +215,8 @@ def pretrain(cfg: EncoderPretrainConfig, log=print) -> dict:
     freeze_batchnorm(model)
 
     t0 = time.time()
-    train = load_clips(SampleStore(cfg.train_data), tok, ctc_tok)
-    val = load_clips(SampleStore(cfg.val_data), tok, ctc_tok, cfg.eval_clips) if cfg.val_data else []
+    train = load_clips(SampleStore(cfg.train_data), tok, ctc_tok, which=cfg.clips)
+    val = load_clips(SampleStore(cfg.val_data), tok, ctc_tok, cfg.eval_clips, cfg.clips) if cfg.val_data else []
     if not train:
         raise InputError(f"no ASR samples in {cfg.train_data}")
     log(f"encoder CTC: {len(train)} training clips, {len(val)} validation clips "

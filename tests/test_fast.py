@@ -21,6 +21,7 @@ from lfm2_audio.model.quantize import (
     int8_linear,
     quantize_int4,
     quantize_int8,
+    quantize_linear,
     quantize_model,
 )
 
@@ -162,7 +163,8 @@ def test_int8_roundtrip_and_kernel():
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
     lin = torch.nn.Linear(64, 96)
-    qlin = Int8Linear.from_linear(lin)
+    qlin = quantize_linear(lin, "int8")
+    assert isinstance(qlin, Int8Linear)
     x = torch.randn(2, 7, 64)
     torch.testing.assert_close(qlin(x), x @ qlin.dequantized().T + lin.bias, rtol=1e-5, atol=1e-5)
 

@@ -196,12 +196,6 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dynamic = dynamic
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, dynamic: bool = False) -> Int8Linear:
-        q, s = quantize_int8(lin.weight.detach())
-        bias = None if lin.bias is None else lin.bias.detach()
-        return cls(q, s, bias, dynamic)
-
     def forward(self, x):
         if self.dynamic:
             return int8_dynamic_linear(x, self.weight, self.scales.float() / 127.0, self.bias)
@@ -220,7 +214,8 @@ def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> nn
     return Int8Linear(*quantize_int8(weight), bias, dynamic=mode == "int8-dyn")
 
 
-def _quantized_linear(lin: nn.Linear, mode: str) -> nn.Module:
+def quantize_linear(lin: nn.Linear, mode: str = "int8") -> nn.Module:
+    """An nn.Linear as the Int8Linear or Int4Linear of a quantize_model mode."""
     return _quantized(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), mode)
 
 
@@ -228,7 +223,7 @@ def _replace_linears(module: nn.Module, mode: str) -> int:
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(module, name, _quantized_linear(child, mode))
+            setattr(module, name, quantize_linear(child, mode))
             n += 1
         else:
             n += _replace_linears(child, mode)
@@ -257,7 +252,7 @@ def quantize_model(model, mode: str = "int8", backbone: bool = True, depthformer
             _replace_linears(layer, mode)
     if depthformer:
         _replace_linears(model.depthformer, mode)
-        model.depth_linear = _quantized_linear(model.depth_linear, mode)
+        model.depth_linear = quantize_linear(model.depth_linear, mode)
     if text_head:
         model.lfm.text_head = _quantized(model.lfm.embed_tokens.weight.detach(), None, mode)
     model.quantized = mode

@@ -298,8 +298,7 @@ def _child_main(conn, model, tokenizer, fast, engine_args: dict, threads: int) -
     except BaseException as e:
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready",))
-    send_lock = threading.Lock()
+    conn.send(("ready",))  # from here on only the sender thread sends, then "stopped" below
 
     def sender() -> None:
         # One message per batch of whatever events are waiting: a decode step's 16 frames
@@ -321,8 +320,7 @@ def _child_main(conn, model, tokenizer, fast, engine_args: dict, threads: int) -
             del steps[:taken]
             stats = dataclasses.asdict(engine.stats)
             if items or batch or stats != sent_stats:
-                with send_lock:
-                    conn.send(("events", items, stats, batch))
+                conn.send(("events", items, stats, batch))
                 sent_stats = stats
             if last:
                 return
@@ -382,8 +380,7 @@ def _child_main(conn, model, tokenizer, fast, engine_args: dict, threads: int) -
     engine.stop()
     outbox.put(None)
     sending.join()  # every event out before "stopped"
-    with send_lock:
-        try:
-            conn.send(("stopped",))
-        except (OSError, ValueError):
-            pass
+    try:
+        conn.send(("stopped",))
+    except (OSError, ValueError):
+        pass

@@ -12,8 +12,9 @@ vocabulary (`ctc_tokenizer`, a few hundred ids): units shared by many words are 
 many more examples than whole-word tokens, and it runs ~8x more clips per second than the full
 model. The transcripts are the ASR samples' supervised text (stored as the model tokenizer's ids,
 decoded and re-encoded here), and with `clips="transcribed"` also every other user clip that
-carries its words (`Audio.transcript`, e.g. spoken questions). The output, `OUTPUT_DIR/encoder.safetensors`, holds `conformer.*`
-(the names of the full model) and `ctc_head.*`; `TrainConfig.init_encoder_from` loads it.
+carries its words (`Audio.transcript`, e.g. spoken questions). The output,
+`OUTPUT_DIR/encoder.safetensors`, holds `conformer.*` (the names of the full model) and
+`ctc_head.*`; `TrainConfig.init_encoder_from` loads it.
 
 The stage is short and restartable from scratch, so it saves at every evaluation but keeps no
 optimizer state for resuming.
@@ -218,7 +219,7 @@ def pretrain(cfg: EncoderPretrainConfig, log=print) -> dict:
     train = load_clips(SampleStore(cfg.train_data), tok, ctc_tok, which=cfg.clips)
     val = load_clips(SampleStore(cfg.val_data), tok, ctc_tok, cfg.eval_clips, cfg.clips) if cfg.val_data else []
     if not train:
-        raise InputError(f"no ASR samples in {cfg.train_data}")
+        raise InputError(f"no {'ASR samples' if cfg.clips == 'asr' else 'transcribed clips'} in {cfg.train_data}")
     log(f"encoder CTC: {len(train)} training clips, {len(val)} validation clips "
         f"({np.mean([t.numel() for _, _, t in train]):.1f} targets per clip), loaded in {time.time() - t0:.0f} s")
 

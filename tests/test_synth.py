@@ -349,3 +349,23 @@ def test_tts_evaluation_scores_the_model_espeak_and_the_codec_round_trip(tmp_pat
     assert out["judge_wer_espeak"] == 0.0
     assert out["judge_wer"] == out["judge_wer_codec"] == pytest.approx(4 / 6)
     assert out["items"][0]["judge_on_codec"] == "the dog"
+
+
+def test_asr_evaluation_can_put_silence_before_each_clip(tmp_path):
+    from lfm2_audio.evaluation import eval_asr
+
+    rate = 16000
+    clip = (0.2 * np.sin(np.arange(rate // 2) / 5)).astype(np.float32)
+    sf.write(tmp_path / "q.wav", clip, rate, subtype="FLOAT")
+    rec = {"id": "test-asr-000000", "meta": {"text": "one two"},
+           "messages": [{"role": "user", "content": [{"type": "audio", "path": "q.wav"}]}]}
+    heard = []
+
+    class Model:
+        def transcribe(self, wave, sample_rate, max_new_tokens):
+            heard.append(wave)
+            return "one"
+
+    out = eval_asr(Model(), [rec], tmp_path, log=lambda s: None, lead_silence=1.5)
+    assert out["wer"] == 0.5 and out["audio_seconds"] == pytest.approx(2.0)
+    assert not heard[0][:24000].any() and np.array_equal(heard[0][24000:], clip)

@@ -18,10 +18,12 @@ from lfm2_audio.training.data import (
     Interleaved,
     Message,
     SampleStore,
+    SilencePadding,
     collate,
     interleave,
     map_conversation,
     pack_rows,
+    pad_with_silence,
     precompute,
 )
 from lfm2_audio.training.loss import (
@@ -205,6 +207,35 @@ def test_store_roundtrip_and_packing(tok, cfg, tmp_path):
     rows = pack_rows(store.lengths, range(len(store)), 256)
     assert sorted(i for r in rows for i in r) == list(range(8))
     assert all(sum(store.lengths[i] for i in r) <= 256 for r in rows)
+
+
+def test_silence_padding_is_random_per_clip_and_repeatable(tok, cfg, tmp_path):
+    pad = SilencePadding(probability=0.5, max_lead=1.0, max_trail=0.5)
+    clips = [_wave(8000, i) for i in range(40)]
+    padded = [pad_with_silence(c, 16000, pad) for c in clips]
+    grown = [p.size - c.size for c, p in zip(clips, padded)]
+    assert 10 <= sum(g > 0 for g in grown) <= 30  # about half the clips
+    assert max(grown) <= 1.5 * 16000
+    for c, p in zip(clips, padded):  # the same clip always gets the same padding
+        assert np.array_equal(p, pad_with_silence(c, 16000, pad))
+    # the speech itself is kept: at the lead's offset (digital silence) or under a faint floor
+    c, p = next((c, p) for c, p in zip(clips, padded) if p.size > c.size)
+    lead = next(i for i in range(p.size - c.size + 1) if np.abs(p[i : i + c.size] - c).max() < 0.01)
+    assert np.sqrt(np.mean(p[:lead] ** 2)) < 0.0062  # at most -45 dBFS of noise
+    assert np.array_equal(pad_with_silence(c, 16000, SilencePadding(probability=0.0)), c)
+    with pytest.raises(InputError):
+        SilencePadding(probability=1.5)
+
+    # precompute pads the user clips only, and records how
+    asr = [Message("system", ["Perform ASR."]), Message("user", [Audio(clips[0], 16000)]), Message("assistant", ["hi"])]
+    always = SilencePadding(probability=1.0, max_lead=1.0, max_trail=1.0, seed=3)
+    precompute([asr], tmp_path / "plain", tok, cfg)
+    precompute([asr], tmp_path / "padded", tok, cfg, silence=always)
+    plain, padded_set = SampleStore(tmp_path / "plain")[0], SampleStore(tmp_path / "padded")[0]
+    assert padded_set.audio_in[0].shape[1] > plain.audio_in[0].shape[1]
+    assert padded_set.text.tolist() == plain.text.tolist()
+    index = json.loads((tmp_path / "padded" / "index.json").read_text())
+    assert index["silence_padding"]["seed"] == 3
 
 
 # ---- loss ------------------------------------------------------------------------------------

@@ -258,7 +258,9 @@ def ensure_test_sets(data: Path, n: int, seed: int = 0) -> None:
     synth.generate_dataset(data, seed=seed, n_test=n, progress=True)
 
 
-def _read_audio(root: Path, seg: dict, rate: int | None = None):
+def _read_audio(root: Path, seg: dict, rate: int | None = None, lead_silence: float = 0.0):
+    """A clip of a test record; lead_silence puts that many seconds of digital silence before it
+    (the test clips are trimmed, a person's recording seldom is)."""
     import soundfile as sf
 
     x, sr = sf.read(str(root / seg["path"]), dtype="float32")
@@ -266,6 +268,8 @@ def _read_audio(root: Path, seg: dict, rate: int | None = None):
         import soxr
 
         x, sr = soxr.resample(x, sr, rate).astype(np.float32), rate
+    if lead_silence > 0:
+        x = np.concatenate([np.zeros(int(lead_silence * sr), np.float32), x])
     return x, sr
 
 
@@ -281,11 +285,12 @@ def _median(xs) -> float | None:
 # ---- the three evaluations ---------------------------------------------------------------------
 
 
-def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, log=print) -> dict:
+def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, log=print,
+             lead_silence: float = 0.0) -> dict:
     refs, hyps, items, busy, heard = [], [], [], 0.0, 0.0
     for i, rec in enumerate(records):
         seg = _segments(rec, "user")[0]
-        wave, sr = _read_audio(root, seg)
+        wave, sr = _read_audio(root, seg, lead_silence=lead_silence)
         t0 = time.perf_counter()
         hyp = lfm.transcribe(wave, sample_rate=sr, max_new_tokens=max_new_tokens)
         busy += time.perf_counter() - t0
@@ -373,7 +378,7 @@ def _pitch_summary(f0: dict) -> dict:
 
 
 def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
-             max_new_tokens: int = 1024, log=print) -> dict:
+             max_new_tokens: int = 1024, log=print, lead_silence: float = 0.0) -> dict:
     from .errors import InputError
 
     turns, first_audio, first_frame, frames, busy = [], [], [], 0, 0.0
@@ -382,7 +387,7 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
         questions = _segments(rec, "user")
         answers = _segments(rec, "assistant")
         for t, (q, meta) in enumerate(zip(questions, rec["meta"]["turns"])):
-            wave, sr = _read_audio(root, q)
+            wave, sr = _read_audio(root, q, lead_silence=lead_silence)
             text, chunks, n, t_audio, t_frame, error = [], [], 0, None, None, None
             t0 = time.perf_counter()
             try:
@@ -497,6 +502,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="audio sampling seed (and the test sets' seed)")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--lead-silence", type=float, default=0.0, metavar="SECONDS",
+                    help="put this much silence before every spoken input (asr, s2s)")
     ap.add_argument("--vocoder", default=None, choices=VOCODERS,
                     help="demo model's mel codec only: the vocoder that makes the audio (default: hifigan)")
 
@@ -512,6 +519,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     if not tasks or any(t not in TASKS for t in tasks):
         print(f"error: --tasks must name some of {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    if not 0 <= args.lead_silence <= 60:
+        print("error: --lead-silence must lie in [0, 60] seconds", file=sys.stderr)
         return 2
 
     import torch
@@ -537,19 +547,20 @@ def run(args: argparse.Namespace) -> int:
         log("this checkpoint has no codec: audio is scored by frame counts only (no judge, no pitch)")
 
     report = {"model": str(args.model or "demo"), "data": str(data), "limit": args.limit, "seed": args.seed,
+              "lead_silence": args.lead_silence,
               "judge": "whisper-base (faster-whisper, int8, greedy)" if judge else None, "vocoder": args.vocoder}
     t0 = time.time()
     for task in tasks:
         records = read_records(data / f"test-{task}.jsonl")[: args.limit]
         log(f"{task}: {len(records)} records")
         if task == "asr":
-            report["asr"] = eval_asr(lfm, records, data, log=log)
+            report["asr"] = eval_asr(lfm, records, data, log=log, lead_silence=args.lead_silence)
         elif task == "tts":
             report["tts"] = eval_tts(lfm, records, data, judge if lfm.codec else None, args.seed,
                                      args.max_new_tokens, log=log)
         else:
             report["s2s"] = eval_s2s(lfm, records, data, judge if lfm.codec else None, args.seed,
-                                     args.max_new_tokens, log=log)
+                                     args.max_new_tokens, log=log, lead_silence=args.lead_silence)
     report["seconds"] = round(time.time() - t0, 1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

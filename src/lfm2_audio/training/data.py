@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +169,51 @@ def _segments(content) -> list:
     return [Text(s) if isinstance(s, str) else s for s in content]
 
 
-def audio_in_features(audio: Audio, cfg: LFM2AudioConfig, audio_in_frames: str = "inference") -> torch.Tensor:
+@dataclass
+class SilencePadding:
+    """Random silence around user clips, added before the front end.
+
+    Synthetic clips are trimmed, but people pause before and after they speak, and the
+    front end normalises each clip over all its frames, so silence changes every feature: a
+    model that never met it answers a question after 2 s of silence with nonsense. Each clip
+    draws its padding from a hash of its samples and `seed`, so a rerun writes the same set.
+    """
+
+    probability: float = 0.5  # share of clips padded
+    max_lead: float = 2.5  # seconds, drawn uniformly from [0, max]
+    max_trail: float = 1.5
+    noise_probability: float = 0.5  # of the padded clips, share with a noise floor (else digital silence)
+    noise_dbfs: tuple = (-70.0, -45.0)  # the floor's level, drawn uniformly; it lies under the speech too
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (0 <= self.probability <= 1 and 0 <= self.noise_probability <= 1):
+            raise InputError("silence padding: probabilities must lie in [0, 1]")
+        if self.max_lead < 0 or self.max_trail < 0:
+            raise InputError("silence padding: max_lead and max_trail must be >= 0 seconds")
+
+
+def pad_with_silence(wave: np.ndarray, sample_rate: int, pad: SilencePadding) -> np.ndarray:
+    rng = np.random.default_rng([pad.seed, zlib.crc32(np.ascontiguousarray(wave, np.float32).tobytes())])
+    if rng.random() >= pad.probability:
+        return wave
+    lead, trail = (int(rng.uniform(0, s) * sample_rate) for s in (pad.max_lead, pad.max_trail))
+    out = np.concatenate([np.zeros(lead, np.float32), wave.astype(np.float32), np.zeros(trail, np.float32)])
+    if rng.random() < pad.noise_probability:
+        level = 10 ** (rng.uniform(*pad.noise_dbfs) / 20)
+        out += rng.standard_normal(out.size).astype(np.float32) * np.float32(level)
+    return out
+
+
+def audio_in_features(audio: Audio, cfg: LFM2AudioConfig, audio_in_frames: str = "inference",
+                      silence: SilencePadding | None = None) -> torch.Tensor:
     """A user/system clip -> log-mel [n_mels, T] as the encoder will see it."""
     if audio_in_frames not in AUDIO_IN_FRAMES:
         raise InputError(f"audio_in_frames must be one of {AUDIO_IN_FRAMES}, got {audio_in_frames!r}")
     pre = cfg.preprocessor
     wave = load_audio(audio.source, sample_rate=audio.sample_rate, target_rate=pre.sample_rate)
+    if silence is not None:
+        wave = pad_with_silence(wave, pre.sample_rate, silence)
     feats, valid = log_mel(torch.from_numpy(np.ascontiguousarray(wave)), pre)
     return feats if audio_in_frames == "inference" else feats[:, :valid].contiguous()
 
@@ -220,8 +260,8 @@ def interleave(n_tokens: int, n_frames: int, n_text: int, n_audio: int) -> list[
 
 
 def map_conversation(conversation, tokenizer: Tokenizer, cfg: LFM2AudioConfig, codec=None,
-                     audio_in_frames: str = "inference") -> Sample:
-    """One conversation -> one training sample (spec §9.2).
+                     audio_in_frames: str = "inference", silence: SilencePadding | None = None) -> Sample:
+    """One conversation -> one training sample (spec §9.2). `silence` pads the user clips.
 
     Supervised: the assistant's text, `<|audio_start|>`, audio frames (with their end-of-audio
     frame) and its `<|im_end|>\\n`. Never supervised: `<|startoftext|>`, `<|im_start|>{role}\\n`,
@@ -241,7 +281,7 @@ def map_conversation(conversation, tokenizer: Tokenizer, cfg: LFM2AudioConfig, c
             if isinstance(seg, Text):
                 b.add_text(seg.text, sup)
             elif isinstance(seg, Audio) and not sup:
-                feats = audio_in_features(seg, cfg, audio_in_frames)
+                feats = audio_in_features(seg, cfg, audio_in_frames, silence)
                 b.add_audio_in(feats, int(subsampled_length(feats.shape[-1], stages)), seg.transcript)
             elif isinstance(seg, Audio):
                 b.add_ids([tokenizer.audio_start_id], True)
@@ -445,14 +485,16 @@ class SampleStore:
 
 def precompute(conversations: Iterable, out_dir, tokenizer: Tokenizer, cfg: LFM2AudioConfig, codec=None,
                audio_in_frames: str = "inference", max_positions: int | None = None, shard_size: int = 1000,
-               progress: bool = False) -> dict:
+               progress: bool = False, silence: SilencePadding | None = None) -> dict:
     """Map conversations and store the samples under out_dir. Samples longer than max_positions
     are skipped (they could never fit a training row). Returns counts."""
-    writer = SampleWriter(out_dir, cfg.codebooks, cfg.preprocessor.features, shard_size,
-                          meta={"audio_in_frames": audio_in_frames, "subsampling_factor": cfg.encoder.subsampling_factor})
+    meta = {"audio_in_frames": audio_in_frames, "subsampling_factor": cfg.encoder.subsampling_factor}
+    if silence is not None:
+        meta["silence_padding"] = asdict(silence)
+    writer = SampleWriter(out_dir, cfg.codebooks, cfg.preprocessor.features, shard_size, meta=meta)
     stats = {"written": 0, "skipped_too_long": 0, "positions": 0}
     for n, conv in enumerate(conversations, 1):
-        sample = map_conversation(conv, tokenizer, cfg, codec, audio_in_frames)
+        sample = map_conversation(conv, tokenizer, cfg, codec, audio_in_frames, silence)
         if max_positions is not None and len(sample) > max_positions:
             stats["skipped_too_long"] += 1
             continue
@@ -617,15 +659,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-positions", type=int, default=None, help="skip samples longer than this")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="device for the codec")
+    p.add_argument("--pad-silence", type=float, default=0.0, metavar="P",
+                   help="pad this share of the user clips with random silence (see SilencePadding)")
+    p.add_argument("--pad-seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        silence = SilencePadding(args.pad_silence, seed=args.pad_seed) if args.pad_silence > 0 else None
         if not (args.checkpoint or (args.config and args.tokenizer)):
             raise InputError("give --checkpoint, or both --config and --tokenizer")
         cfg = LFM2AudioConfig.from_json(args.config or Path(args.checkpoint) / "config.json")
         tok = Tokenizer.from_pretrained(args.tokenizer or args.checkpoint)
         codec = _LazyCodec(args.codec or args.checkpoint, args.device) if (args.codec or args.checkpoint) else None
         stats = precompute(read_conversations(args.conversations), args.out_dir, tok, cfg, codec,
-                           args.audio_in_frames, args.max_positions, args.shard_size, progress=True)
+                           args.audio_in_frames, args.max_positions, args.shard_size, progress=True,
+                           silence=silence)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,25 +52,19 @@ if run precompute; then
   head -n -300 "$data/synth/recipe-all.jsonl" > "$data/synth/recipe-train.jsonl"
   tail -n 300 "$data/synth/recipe-all.jsonl" > "$data/synth/recipe-val.jsonl"
   split -n l/2 -d --additional-suffix=.jsonl "$data/synth/recipe-train.jsonl" "$data/synth/recipe-train-part"
-  # half the training clips get random silence around them (SilencePadding); validation stays
-  # trimmed so that its loss compares across recipes
   for part in train-part00 train-part01 val; do  # two processes: one per core
-    pad=$([[ $part == val ]] && echo 0 || echo 0.5)
     OMP_NUM_THREADS=1 .venv/bin/lfm2-audio precompute "$data/synth/recipe-$part.jsonl" "$data/samples/$part" --config recipes/demo/model.json \
-      --tokenizer "$data/assets/tokenizer.json" --codec "$data/assets" --max-positions 1024 --pad-silence "$pad" \
-      > "$logs/precompute-$part.log" 2>&1 &
+      --tokenizer "$data/assets/tokenizer.json" --codec "$data/assets" --max-positions 1024 > "$logs/precompute-$part.log" 2>&1 &
   done
   wait
   for f in "$logs"/precompute-*.log; do echo "$f: $(tail -n 1 "$f")"; done | tee "$logs/precompute.log"
 fi
 
 if run encoder; then
-  # three phases: 4,000 steps from scratch on the ASR clips, 3,300 more from those weights on a
-  # fresh schedule, then 1,200 on every transcribed clip (the spoken questions too) at a lower rate
-  stamp "encoder: lfm2-audio pretrain-encoder recipes/demo/encoder.json, encoder-2.json, encoder-3.json"
-  for phase in encoder encoder-2 encoder-3; do
-    .venv/bin/lfm2-audio pretrain-encoder "recipes/demo/$phase.json" 2>&1 | tee "$logs/$phase.log" | tail -n 3
-  done
+  # two phases: 4,000 steps from scratch, then 3,300 more from those weights on a fresh schedule
+  stamp "encoder: lfm2-audio pretrain-encoder recipes/demo/encoder.json, then encoder-2.json"
+  .venv/bin/lfm2-audio pretrain-encoder recipes/demo/encoder.json 2>&1 | tee "$logs/encoder.log" | tail -n 3
+  .venv/bin/lfm2-audio pretrain-encoder recipes/demo/encoder-2.json 2>&1 | tee "$logs/encoder-2.log" | tail -n 3
 fi
 
 if run train; then

@@ -233,7 +233,7 @@ def sweep(m, prompt, batches, n_frames: int, repeats: int) -> dict:
                 h = m.lfm(m.embed_audio_frames(frame)[:, None], cache)[:, -1]
 
         out[str(batch)] = 1000 * best_of(frames, repeats) / n_frames
-        del cache, h
+        cache = h = None  # free the batch's cache before the next one is made
         gc.collect()
     return out
 

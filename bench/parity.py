@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from lfm2_audio.audio.features import log_mel
-from lfm2_audio.config import MODALITY_AUDIO_OUT
 from lfm2_audio.generation.chat import Conversation
 from lfm2_audio.generation.generate import OFFICIAL_IDS, generate
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import tiny_server
 import soundfile as sf
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")

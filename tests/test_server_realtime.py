@@ -17,7 +17,6 @@ import pytest
 from conftest import tiny_server
 import soundfile as sf
 import soxr
-import torch
 
 pytest.importorskip("fastapi")
 websockets = pytest.importorskip("websockets")

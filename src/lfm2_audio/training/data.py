@@ -194,11 +194,12 @@ class SilencePadding:
 
 
 def pad_with_silence(wave: np.ndarray, sample_rate: int, pad: SilencePadding) -> np.ndarray:
-    rng = np.random.default_rng([pad.seed, zlib.crc32(np.ascontiguousarray(wave, np.float32).tobytes())])
+    wave = np.ascontiguousarray(wave, np.float32)
+    rng = np.random.default_rng([pad.seed, zlib.crc32(wave.tobytes())])
     if rng.random() >= pad.probability:
         return wave
     lead, trail = (int(rng.uniform(0, s) * sample_rate) for s in (pad.max_lead, pad.max_trail))
-    out = np.concatenate([np.zeros(lead, np.float32), wave.astype(np.float32), np.zeros(trail, np.float32)])
+    out = np.concatenate([np.zeros(lead, np.float32), wave, np.zeros(trail, np.float32)])
     if rng.random() < pad.noise_probability:
         level = 10 ** (rng.uniform(*pad.noise_dbfs) / 20)
         out += rng.standard_normal(out.size).astype(np.float32) * np.float32(level)
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pad-seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        silence = SilencePadding(args.pad_silence, seed=args.pad_seed) if args.pad_silence > 0 else None
+        silence = SilencePadding(args.pad_silence, seed=args.pad_seed) if args.pad_silence != 0 else None
         if not (args.checkpoint or (args.config and args.tokenizer)):
             raise InputError("give --checkpoint, or both --config and --tokenizer")
         cfg = LFM2AudioConfig.from_json(args.config or Path(args.checkpoint) / "config.json")

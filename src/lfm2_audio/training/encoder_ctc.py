@@ -45,6 +45,9 @@ from .trainer import config_arguments, config_from_dict, init_weights, load_conf
 ENCODER_FILE = "encoder.safetensors"
 
 
+CLIP_SETS = ("asr", "transcribed")  # EncoderPretrainConfig.clips, load_clips' `which`
+
+
 @dataclass
 class EncoderPretrainConfig:
     model_config: str  # the full model's config.json: its "encoder" section is trained here
@@ -77,8 +80,8 @@ class EncoderPretrainConfig:
         cfg = config_from_dict(cls, d, "encoder pretraining config")
         if cfg.precision not in ("bf16", "fp32"):
             raise InputError(f"precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
-        if cfg.clips not in ("asr", "transcribed"):
-            raise InputError(f"clips must be 'asr' or 'transcribed', got {cfg.clips!r}")
+        if cfg.clips not in CLIP_SETS:
+            raise InputError(f"clips must be one of {CLIP_SETS}, got {cfg.clips!r}")
         for name in ("batch_clips", "max_steps", "log_every", "eval_every", "eval_clips"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise InputError(f"{name} must be a positive integer")

@@ -213,6 +213,12 @@ def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> 
     out["text_tok_s"] = batch * n_text / best_of(text_steps, repeats)
     out["audio_fps"] = batch * n_frames / best_of(audio_steps, repeats)
     out["frame_ms"] = 1000 * batch / out["audio_fps"]
+
+    def depth_frames():
+        for _ in range(n_frames):
+            m.sample_frame(h)
+
+    out["depth_ms"] = 1000 * best_of(depth_frames, repeats) / n_frames  # the frame's depthformer part
     return out
 
 
@@ -258,7 +264,9 @@ def parity(plain, fast, prompt, batch: int = 4, steps: int = 6) -> dict:
         cosines.append(float(torch.nn.functional.cosine_similarity(got, want, dim=-1).min()))
         x = (torch.randn(batch, 1, emb.shape[1], generator=g) * float(emb.float().std())).to(emb)
     h = want.to(emb.dtype)
-    return {"hidden_cos_min": min(cosines), "frame_code_match": float((fast.sample_frame(h) == plain.sample_frame(h)).float().mean())}
+    one_row = torch.cat([fast.sample_frame(h[i : i + 1]) == plain.sample_frame(h[i : i + 1]) for i in range(batch)])
+    return {"hidden_cos_min": min(cosines), "frame_code_match": float((fast.sample_frame(h) == plain.sample_frame(h)).float().mean()),
+            "frame_code_match_1row": float(one_row.float().mean())}
 
 
 # ---- int8 quality ------------------------------------------------------------------------------
@@ -341,6 +349,8 @@ def main(argv=None) -> int:
                                                    "the batch of text_tok_s / audio_fps)")
     ap.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graph path of the fast engine")
     ap.add_argument("--compile", action="store_true", help="torch.compile the graph path's step functions")
+    ap.add_argument("--triton", default="auto", choices=["auto", "on", "off"],
+                    help="one-row frames of the graph path through the fused Triton kernels")
     ap.add_argument("--threads", type=int, default=0, help="0: every core")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--text-tokens", type=int, default=12)
@@ -402,10 +412,13 @@ def main(argv=None) -> int:
     else:
         fast_model = model
     t = time.perf_counter()
-    fast = FastLFM2Audio(fast_model, prepack=prepack, exact=args.exact, threads=0, cuda_graphs=graphs, compile=args.compile)
+    fused = {"auto": None, "on": True, "off": False}[args.triton]
+    fast = FastLFM2Audio(fast_model, prepack=prepack, exact=args.exact, threads=0, cuda_graphs=graphs, compile=args.compile,
+                         triton=fused)
     result["engine_build_s"] = round(time.perf_counter() - t, 2)
     result["cuda_graphs"] = fast.cuda_graphs
     result["compiled"] = fast.cuda_graphs and fast.lfm.kernels.compiled
+    result["triton"] = fast.cuda_graphs and fast.depth.fused is not None
     t = time.perf_counter()
     result["fast"] = measure(fast, prompt, **timing)
     result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9

@@ -7,8 +7,9 @@
 #
 # graphs: tiny-size tests, official-size bench with graphs next to the plain path; compile: the
 # official-size bench compiled; all (default): both, then the compiled tiny tests and codecs.
-# Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks) are installed
-# first when present.
+# fused: the fused Triton kernels' CUDA tests, then speed with them (compiled, and a sweep), and at
+# batch 1 compiled without them and uncompiled with them. Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
+# are installed first when present.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -34,6 +35,18 @@ STAGE=${1:-all}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     command -v cc gcc || echo "no C compiler"
+    if [ "$STAGE" = fused ]; then
+        step 100 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
+            -p no:cacheprovider -k "cuda and not compiled"
+        step 240 python3 bench/generate.py --device cuda --dtype bf16 --batch 1,64,256 --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3 --skip-plain --compile --triton on
+        for opts in "--compile --triton off" "--triton on"; do
+            # shellcheck disable=SC2086
+            step 100 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" --text-tokens 6 \
+                --repeats 3 --skip-plain $opts
+        done
+        exit 0
+    fi
     if [ "$STAGE" != compile ]; then
         step 60 python3 -m pytest tests/test_cuda_graphs.py -q -x -p no:cacheprovider -k "not compiled"
         step 120 python3 bench/generate.py --device cuda --dtype bf16 --batch "$SWEEP" --frames "$FRAMES" \

@@ -35,7 +35,9 @@ address and shape, hence:
 Off CUDA the same functions run eagerly over the same static buffers; that is how the CPU
 tests check them against the plain path. With `compile=True` the per-layer functions go
 through torch.compile (symbolic sizes) before capture; if that fails (no Triton, no C
-compiler), the eager functions are captured instead.
+compiler), the eager functions are captured instead. Graphs for one row (the decode step of
+a single stream and its audio frame) call fused.py's Triton kernels where Triton imports: a
+norm, a projection and a residual add or gate in one launch, about half the launches.
 
 Numerics: the same operations as the fast path, except that the backbone attention is one
 SDPA call over the whole key bucket with an additive mask (the query heads of each KV head as
@@ -101,6 +103,23 @@ def unsupported(engine) -> str | None:
     return None
 
 
+def fused_kernels(device: torch.device, wanted: bool | None):
+    """The `fused` module (Triton kernels) where one-row decode steps and frames should use it
+    (see FastLFM2Audio's `triton`), else None."""
+    if wanted is False or (wanted is None and device.type != "cuda"):
+        return None
+    try:
+        from . import fused
+    except ImportError:
+        if wanted:
+            raise
+        log.info("Triton not importable: one-row steps run the unfused graphs")
+        return None
+    if device.type != "cuda" and not fused.INTERPRET:
+        raise ValueError("the fused Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1")
+    return fused
+
+
 # ---- the step functions (compiled or not, captured or not) -----------------------------------
 
 
@@ -127,35 +146,46 @@ class AttnBlock(NamedTuple):
 def conv_step(x, w: ConvBlock, eps: float, state, keep_idx, active):
     """A backbone conv layer over S positions: x [B, S, D]; state [B, D, kernel - 1] becomes
     the gated inputs at `keep_idx` (the last kernel - 1 real ones) in active rows only."""
-    S = x.shape[1]
-    b, c, xv = F.linear(_rms_hf(x, w.op_norm, eps), w.in_proj).chunk(3, dim=-1)
+    proj = F.linear(_rms_hf(x, w.op_norm, eps), w.in_proj)
+    x = x + F.linear(conv_mix(proj, state, w.taps, keep_idx, active), w.out)
+    return _feed_forward(x, w, eps)
+
+
+def conv_mix(proj, state, taps, keep_idx, active):
+    """The conv layer between its projections: in_proj output [B, S, 3D] -> [B, S, D]."""
+    S = proj.shape[1]
+    b, c, xv = proj.chunk(3, dim=-1)
     u = torch.cat((state, (b * xv).transpose(1, 2)), dim=2)  # [B, D, kernel - 1 + S]
     state.copy_(torch.where(active[:, None, None], u.index_select(2, keep_idx), state))
     # The taps summed in fp32 in the conv kernel's order, as the fast path's decode step does
     # (bit-identical to the conv with bf16 inputs).
     u32 = u.float()
-    v = u32[:, :, 0:S] * w.taps[0][:, None]
-    for i in range(1, w.taps.shape[0]):
-        v = v + u32[:, :, i : i + S] * w.taps[i][:, None]
-    x = x + F.linear(c * v.transpose(1, 2).to(x.dtype), w.out)
-    a, b = F.linear(_rms_hf(x, w.ffn_norm, eps), w.w13).chunk(2, dim=-1)
-    return x + F.linear(F.silu(a) * b, w.w2)
+    v = u32[:, :, 0:S] * taps[0][:, None]
+    for i in range(1, taps.shape[0]):
+        v = v + u32[:, :, i : i + S] * taps[i][:, None]
+    return c * v.transpose(1, 2).to(proj.dtype)
 
 
 def attention_step(x, w: AttnBlock, eps: float, qk_eps: float, heads: tuple, k_cache, v_cache, pos, cos, sin, mask, keep):
     """A backbone attention layer over S positions per row: x [B, S, D]; pos [B, S] where the
     rows write, keep [B, S] whether they do; cos/sin [B, S, hd]; k/v_cache [B, KV, T, hd] the
     key range; mask [B, 1, S*G, T] additive, rows in (position, group member) order."""
-    H, KV, hd = heads
-    B, S, _ = x.shape
-    G = H // KV
     qkv = F.linear(_rms_hf(x, w.op_norm, eps), w.qkv)
+    x = x + F.linear(attention_mix(qkv, w.qk_norm, qk_eps, heads, k_cache, v_cache, pos, cos, sin, mask, keep), w.out)
+    return _feed_forward(x, w, eps)
+
+
+def attention_mix(qkv, qk_norm, qk_eps: float, heads: tuple, k_cache, v_cache, pos, cos, sin, mask, keep):
+    """The attention layer between its projections: qkv [B, S, (H + 2 KV) hd] -> [B, S, H hd]."""
+    H, KV, hd = heads
+    B, S, _ = qkv.shape
+    G = H // KV
     qk = qkv[..., : (H + KV) * hd].view(B, S, H + KV, hd)
-    qk = w.qk_norm * F.rms_norm(qk.float(), (hd,), None, qk_eps).to(x.dtype)
+    qk = qk_norm * F.rms_norm(qk.float(), (hd,), None, qk_eps).to(qkv.dtype)
     x1, x2 = qk.chunk(2, dim=-1)
     qk = qk * cos[:, :, None] + torch.cat((-x2, x1), dim=-1) * sin[:, :, None]  # rotate-half RoPE
     v = qkv[..., (H + KV) * hd :].view(B, S, KV, hd)
-    rows = torch.arange(B, device=x.device)[:, None]
+    rows = torch.arange(B, device=qkv.device)[:, None]
     keep = keep[:, :, None, None]
     k_cache[rows, :, pos] = torch.where(keep, qk[:, :, H:], k_cache[rows, :, pos])
     v_cache[rows, :, pos] = torch.where(keep, v, v_cache[rows, :, pos])
@@ -163,8 +193,10 @@ def attention_step(x, w: AttnBlock, eps: float, qk_eps: float, heads: tuple, k_c
     # expansion of the keys.
     q = qk[:, :, :H].reshape(B, S, KV, G, hd).transpose(1, 2).reshape(B, KV, S * G, hd)
     out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
-    out = out.view(B, KV, S, G, hd).transpose(1, 2).reshape(B, S, H * hd)
-    x = x + F.linear(out, w.out)
+    return out.view(B, KV, S, G, hd).transpose(1, 2).reshape(B, S, H * hd)
+
+
+def _feed_forward(x, w, eps: float):
     a, b = F.linear(_rms_hf(x, w.ffn_norm, eps), w.w13).chunk(2, dim=-1)
     return x + F.linear(F.silu(a) * b, w.w2)
 
@@ -215,11 +247,18 @@ class Kernels:
         self.use(compile)
 
     def use(self, compile: bool) -> None:
-        fns = (conv_step, attention_step, depth_step, depth_head)
+        fns = (conv_step, attention_step, depth_step, depth_head, conv_mix, attention_mix)
         if compile:
             fns = tuple(torch.compile(f, dynamic=True, fullgraph=True) for f in fns)
-        self.conv, self.attention, self.depth, self.head = fns
+        self.conv, self.attention, self.depth, self.head, self.conv_mix, self.attention_mix = fns
         self.compiled = compile
+
+
+def graph_pool(owner, device: torch.device):
+    """owner's CUDA graph memory pool, made on first use (None off CUDA): its graphs share it."""
+    if owner._pool is None and device.type == "cuda":
+        owner._pool = torch.cuda.graph_pool_handle()
+    return owner._pool
 
 
 class Replay:
@@ -295,8 +334,9 @@ class GraphBackbone:
     """FastBackbone with the one-position decode step replayed from CUDA graphs; prefill and
     any cache it did not hand out run the fast path."""
 
-    def __init__(self, fast: FastBackbone, kernels: Kernels):
+    def __init__(self, fast: FastBackbone, kernels: Kernels, fused=None):
         self.fast, self.kernels = fast, kernels
+        self.fused = fused  # the `fused` module: one-row decode steps run its linear kernel
         self.eps = fast.eps
         self.heads, self.qk_eps = (1, 1, 1), 0.0  # (q heads, kv heads, head_dim) of the attention layers
         self.blocks = []
@@ -385,7 +425,11 @@ class GraphBackbone:
         offsets = torch.arange(span, device=device)
         row_ids = torch.arange(rows, device=device)
         history = torch.arange(conv[0].shape[2] if conv else 0, device=device)
-        kern = self.kernels
+        kern, fused = self.kernels, self.fused
+        # One row, one position: the projections through the fused linear kernel (norms and
+        # residual adds folded in), the compiled or plain ops between them.
+        one_row = rows == 1 and span == 1 and fused is not None
+        hf = dict(eps=self.eps, norm_style="hf")
 
         def body():
             active = row_ids < st.n
@@ -398,19 +442,29 @@ class GraphBackbone:
             x = st.x
             ci = ai = 0
             for w in self.blocks:
-                if isinstance(w, ConvBlock):
+                if isinstance(w, ConvBlock) and not one_row:
                     x = kern.conv(x, w, self.eps, conv[ci], keep_idx, active)
-                    ci += 1
-                else:
+                elif not one_row:
                     x = kern.attention(x, w, self.eps, self.qk_eps, self.heads, keys[ai], values[ai], pos, cos, sin,
                                        mask, keep)
+                else:
+                    if isinstance(w, ConvBlock):
+                        proj = fused.linear(x, w.in_proj, norm=w.op_norm, **hf)
+                        mixed = kern.conv_mix(proj, conv[ci], w.taps, keep_idx, active)
+                    else:
+                        qkv = fused.linear(x, w.qkv, norm=w.op_norm, **hf)
+                        mixed = kern.attention_mix(qkv, w.qk_norm, self.qk_eps, self.heads, keys[ai], values[ai], pos,
+                                                   cos, sin, mask, keep)
+                    x = fused.linear(mixed, w.out, residual=x)
+                    x = fused.linear(fused.linear(x, w.w13, norm=w.ffn_norm, gate=True, **hf), w.w2, residual=x)
+                if isinstance(w, ConvBlock):
+                    ci += 1
+                else:
                     ai += 1
             st.h.copy_(_rms_hf(x, self.fast.final_norm, self.eps))
             lengths.add_(active * st.s)
 
-        if self._pool is None and device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
-        st.run = Replay(body, device, kern, self._pool)
+        st.run = Replay(body, device, kern, graph_pool(self, device))
         return st
 
 
@@ -420,8 +474,9 @@ class GraphBackbone:
 class GraphDepth:
     """FastDepth whose frame (depth_linear, 8 codebook steps, sampling) is one graph replay."""
 
-    def __init__(self, fast: FastDepth, kernels: Kernels):
+    def __init__(self, fast: FastDepth, kernels: Kernels, fused=None):
         self.fast, self.kernels = fast, kernels
+        self.fused = fused  # the `fused` module: one-row frames run its Triton kernels
         self.K, self.dim, self.head_dim = fast.K, fast.dim, fast.head_dim
         self.blocks = [AttnBlock(l.op_norm, l.ffn_norm, l.qkv.weight, l.out.weight, l.w13.weight, l.w2.weight, l.qk_norm)
                        for l in fast.layers]
@@ -472,6 +527,9 @@ class GraphDepth:
             noise=None if greedy else torch.ones(rows, K, self.vocab, device=device))
         kern = self.kernels
         lin = fast.depth_linear
+        if rows == 1 and self.fused is not None:
+            st.run = Replay(self._fused_body(st, top_k), device, kern, graph_pool(self, device))
+            return st
 
         def body():
             z = F.linear(st.h, lin.weight, lin.bias).view(rows, K, self.dim)
@@ -487,10 +545,30 @@ class GraphDepth:
                 codes.append(code)
             st.codes.copy_(torch.stack(codes, dim=1))
 
-        if self._pool is None and device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
-        st.run = Replay(body, device, kern, self._pool)
+        st.run = Replay(body, device, kern, graph_pool(self, device))
         return st
+
+    def _fused_body(self, st: SimpleNamespace, top_k: int):
+        """The frame of one row through the fused kernels: 5 launches a layer step."""
+        fast, fused, K = self.fast, self.fused, self.K
+        lin = fast.depth_linear
+
+        def body():
+            z = fused.linear(st.h, lin.weight, bias=lin.bias).view(1, K, self.dim)
+            x = z[:, 0]
+            codes = []
+            for k in range(K):
+                for w, (kc, vc) in zip(self.blocks, st.kv):
+                    x = fused.layer_step(x, w, kc, vc, k, fast.cos2[k], fast.sin2[k], self.eps, self.qk_eps, DEPTH_HEADS)
+                logits = fused.linear(x, self.heads[k], norm=fast.head_norm[k], eps=fast.head_eps,
+                                      bias=self.eoa_bias[min(k, 1)])
+                code = pick(logits, st.temperature, None if st.noise is None else st.noise[:, k], top_k)
+                codes.append(code)
+                if k + 1 < K:
+                    x = fused.embed_add(code, fast.embed[k], z[:, k + 1])
+            st.codes.copy_(torch.stack(codes, dim=1))
+
+        return body
 
 
 # ---- audio encoder ----------------------------------------------------------------------------
@@ -535,7 +613,5 @@ class GraphEncoder:
             x, _ = m.conformer(st.features[None], st.length)
             st.out.copy_(m.audio_adapter(x[0]))
 
-        if self._pool is None and m.device.type == "cuda":
-            self._pool = torch.cuda.graph_pool_handle()
-        st.run = Replay(body, m.device, Kernels(False), self._pool)
+        st.run = Replay(body, m.device, Kernels(False), graph_pool(self, m.device))
         return st

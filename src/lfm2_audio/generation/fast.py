@@ -487,10 +487,13 @@ class FastLFM2Audio:
     check it).
     compile: torch.compile the graph path's step functions before capture (fuses the small
     ops, ~2x faster frames; the first call of each shape class compiles, ~40 s in all cold).
+    triton: run the graph path's one-row decode steps and audio frames through fused Triton
+    kernels (fused.py). None = where the model is on CUDA and Triton imports; True off CUDA
+    needs TRITON_INTERPRET=1 (the CPU tests).
     """
 
     def __init__(self, model, prepack: bool | None = None, exact: bool = False, threads: int | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, triton: bool | None = None):
         if cuda_graphs is None:
             cuda_graphs = model.device.type == "cuda" and not exact
         elif cuda_graphs and exact:
@@ -521,8 +524,9 @@ class FastLFM2Audio:
                 warnings.warn(f"CUDA graphs off: the graph path does not handle {reason}", stacklevel=2)
             else:
                 kernels = cg.Kernels(compile)
-                self.lfm = cg.GraphBackbone(self.lfm, kernels)
-                self.depth = cg.GraphDepth(self.depth, kernels)
+                fused = cg.fused_kernels(model.device, triton)
+                self.lfm = cg.GraphBackbone(self.lfm, kernels, fused)
+                self.depth = cg.GraphDepth(self.depth, kernels, fused)
                 self.encoder = cg.GraphEncoder(model)
                 self.cuda_graphs = True
 

@@ -1,0 +1,200 @@
+"""One-row decode through a few fused Triton kernels (the CUDA graph path at batch 1).
+
+An audio frame is 48 depthformer layer steps, each four matrix-vector products over small
+weights (2-11 MB) with norms, a rotary embedding, an attention over <= 8 slots and residual adds
+in between. As separate kernels (cuBLAS plus elementwise ops, even fused by torch.compile) that
+is ~11 launches a layer step, ~570 a frame, and at batch 1 the launches cost more than reading
+the weights. Here a layer step is 5 kernels:
+
+    linear(norm=op_norm)          RMSNorm of the input, recomputed by every program, then x W^T
+    depth_attention               q/k norms, interleaved-pair RoPE, the K/V cache write and the
+                                  attention over the slots so far, one program per KV head
+    linear(residual=x)            x + att W_out^T
+    linear(norm=ffn_norm, gate)   silu(x W1^T) * (x W3^T), W1 and W3 stacked as one matrix
+    linear(residual=x)            x + g W2^T
+
+and a codebook adds the head (linear with the end-of-audio bias), the pick, and the next slot's
+input (embed_add). Folding the attention into the out projection, each program redoing it,
+made the frame slower on an H200 (1.98 ms of depthformer against 1.28). The backbone's one-row
+decode step runs its four projections through the same `linear` (norm_style "hf"), the conv or
+attention between them unchanged. Every rounding to the model dtype happens where the torch ops
+round, so results agree with the graph path and the plain path to rounding.
+
+With TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors
+through Triton's interpreter (how the CPU tests check them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps,
+                   NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n] = epilogue(sum_k prologue(x)[k] * W[n, k]) for one row x [K], W [N (2N with GATE), K].
+    NORM 1: RMSNorm with the weight applied in fp32 before rounding (the depthformer's); 2: the
+    normalised x rounded, then times the weight and rounded again (the backbone's)."""
+    out_ty = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    if NORM:
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xv = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            squares += xv * xv
+        inv_rms = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    # Products summed per lane across the loop, reduced across lanes once at the end.
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if GATE:
+        acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + cols
+        c_ok = c < K
+        xv = tl.load(x_ptr + c, mask=c_ok, other=0.0)
+        if NORM == 1:
+            g = tl.load(norm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            xv = (xv.to(tl.float32) * inv_rms * g).to(out_ty)
+        elif NORM == 2:
+            g = tl.load(norm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            xv = ((xv.to(tl.float32) * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty)
+        xf = xv.to(tl.float32)[None, :]
+        tile_ok = row_ok[:, None] & c_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * K + c[None, :], mask=tile_ok, other=0.0)
+        acc += w.to(tl.float32) * xf
+        if GATE:
+            wb = tl.load(w_ptr + (rows[:, None] + N) * K + c[None, :], mask=tile_ok, other=0.0)
+            acc_b += wb.to(tl.float32) * xf
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    y = y.to(out_ty).to(tl.float32)  # F.linear's output rounding
+    if GATE:
+        b = tl.sum(acc_b, axis=1).to(out_ty).to(tl.float32)
+        y = ((y * tl.sigmoid(y)).to(out_ty).to(tl.float32) * b).to(out_ty).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ty), mask=row_ok)
+
+
+# Weight tiles for the autotuner: the best one depends on the matrix (2 to 32 MB here) and card.
+_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))]
+_linear_tuned = triton.autotune(_CONFIGS, key=["N", "K", "NORM", "GATE"])(_linear_kernel)
+
+
+NORM_STYLES = {"liquid": 1, "hf": 2}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+           bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, gate: bool = False,
+           norm_style: str = "liquid") -> torch.Tensor:
+    """One row x [..., K] (contiguous) -> [..., N]: x W^T (+ bias), with an optional RMSNorm of x
+    first (weight `norm`, rounded as `norm_style` says), silu(x W1^T) * (x W3^T) for gate=True
+    (W = [W1; W3]), and + residual."""
+    x = x.contiguous()
+    K = x.shape[-1]
+    N = weight.shape[0] // (2 if gate else 1)
+    out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    flags = dict(NORM=0 if norm is None else NORM_STYLES[norm_style], GATE=gate, HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None)
+    args = (x, weight, x if norm is None else norm, x if bias is None else bias,
+            x if residual is None else residual.contiguous(), out, N, K, eps)
+    if INTERPRET:  # few, large programs: the interpreter's cost is per program
+        _linear_kernel[(triton.cdiv(N, 256),)](*args, **flags, BLOCK_N=256, BLOCK_K=128)
+    else:
+        _linear_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+    return out
+
+
+@triton.jit
+def _norm_rope(qkv_ptr, norm_ptr, heads, d, cos, sin, eps, HD: tl.constexpr, out_ty: tl.constexpr):
+    """Heads [R] of qkv: RMSNorm (fp32 weight rows), rounded, then RoPE on (2i, 2i+1) pairs,
+    rounded again; returned in fp32 [R, HD]."""
+    at = heads[:, None] * HD + d[None, :]
+    pair = heads[:, None] * HD + (d ^ 1)[None, :]
+    x = tl.load(qkv_ptr + at).to(tl.float32)
+    x_pair = tl.load(qkv_ptr + pair).to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
+    normed = (x * inv_rms * tl.load(norm_ptr + at)).to(out_ty).to(tl.float32)
+    normed_pair = (x_pair * inv_rms * tl.load(norm_ptr + pair)).to(out_ty).to(tl.float32)
+    return (normed * cos[None, :] + normed_pair * sin[None, :]).to(out_ty).to(tl.float32)
+
+
+@triton.jit
+def _depth_attention_kernel(qkv_ptr, qk_norm_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, out_ptr, slot, eps,
+                            scale, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, SLOTS: tl.constexpr):
+    """KV head `program_id` of one row: its G query heads attend over slots [0, slot]."""
+    out_ty = out_ptr.dtype.element_ty
+    G: tl.constexpr = H // KV
+    kv = tl.program_id(0)
+    d = tl.arange(0, HD)
+    cos = tl.load(cos_ptr + d)
+    sin = tl.load(sin_ptr + d)
+    q_heads = kv * G + tl.arange(0, G)
+    q = _norm_rope(qkv_ptr, qk_norm_ptr, q_heads, d, cos, sin, eps, HD, out_ty)  # [G, HD]
+    k_new = _norm_rope(qkv_ptr, qk_norm_ptr, H + kv + tl.arange(0, 1), d, cos, sin, eps, HD, out_ty)  # [1, HD]
+    v_new = tl.load(qkv_ptr + (H + KV + kv) * HD + d).to(tl.float32)[None, :]
+    # The caches keep every slot (fp32); this slot's row is taken from registers, not re-read.
+    slots = tl.arange(0, SLOTS)
+    cache = kv * SLOTS * HD + slots[:, None] * HD + d[None, :]
+    is_new = (slots == slot)[:, None]
+    keys = tl.where(is_new, k_new, tl.load(k_cache_ptr + cache))
+    values = tl.where(is_new, v_new, tl.load(v_cache_ptr + cache))
+    row = kv * SLOTS * HD + slot * HD + d[None, :]
+    tl.store(k_cache_ptr + row, k_new)
+    tl.store(v_cache_ptr + row, v_new)
+    scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * scale  # [G, SLOTS]
+    scores = tl.where((slots <= slot)[None, :], scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]
+    att = tl.sum(p[:, :, None] * values[None, :, :], axis=1)  # [G, HD]
+    tl.store(out_ptr + q_heads[:, None] * HD + d[None, :], att.to(out_ty))
+
+
+def depth_attention(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, eps: float, heads: int) -> torch.Tensor:
+    """qkv [1, (H + 2 KV) hd] -> attention output [1, H hd]; writes slot `slot` of the fp32
+    caches [1, KV, slots, hd]."""
+    _, kv_heads, slots, hd = k_cache.shape
+    out = torch.empty(1, heads * hd, dtype=qkv.dtype, device=qkv.device)
+    _depth_attention_kernel[(kv_heads,)](qkv, qk_norm, cos, sin, k_cache, v_cache, out, slot, eps, hd**-0.5,
+                                         H=heads, KV=kv_heads, HD=hd, SLOTS=slots)
+    return out
+
+
+@triton.jit
+def _embed_add_kernel(code_ptr, table_ptr, z_ptr, out_ptr, D, BLOCK: tl.constexpr):
+    out_ty = out_ptr.dtype.element_ty
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = at < D
+    code = tl.load(code_ptr)
+    e = tl.load(table_ptr + code * D + at, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, (z + e).to(out_ty), mask=ok)
+
+
+def embed_add(code: torch.Tensor, table: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """z [1, D] + table[code] for a code [1] left on the device."""
+    D = z.shape[-1]
+    out = torch.empty_like(z)
+    _embed_add_kernel[(triton.cdiv(D, 1024),)](code, table, z, out, D, BLOCK=1024)
+    return out
+
+
+def layer_step(x, w, k_cache, v_cache, slot: int, cos, sin, eps: float, qk_eps: float, heads: int):
+    """One depthformer layer at codebook slot `slot` for one row x [1, dim] (w: an AttnBlock
+    with fp32 norm weights)."""
+    qkv = linear(x, w.qkv, norm=w.op_norm, eps=eps)
+    att = depth_attention(qkv, w.qk_norm, cos, sin, k_cache, v_cache, slot, qk_eps, heads)
+    x = linear(att, w.out, residual=x)
+    g = linear(x, w.w13, norm=w.ffn_norm, eps=eps, gate=True)
+    return linear(g, w.w2, residual=x)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lfm2_audio.audio.features import hz_to_mel, log_mel, log_mel_batch, mel_filterbank, mel_to_hz, num_frames
+from lfm2_audio.audio.features import (hz_to_mel, log_mel, log_mel_batch, mel_filterbank, mel_to_hz, num_frames,
+                                       trim_silence, user_features)
 from lfm2_audio.config import PreprocessorConfig
 from lfm2_audio.errors import InputError
 
@@ -113,3 +114,52 @@ def test_bad_waveforms():
         log_mel(x)
     with pytest.raises(InputError):
         log_mel_batch([])
+
+
+def _speech_like(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
+    """A voiced sound (a 180 Hz tone with harmonics, -10 dBFS peaks) with a pause in the middle."""
+    t = np.arange(int(seconds * rate)) / rate
+    x = sum(np.sin(2 * np.pi * 180 * k * t) / k for k in (1, 2, 3)) * 0.3 / 1.8
+    x[int(0.4 * seconds * rate) : int(0.5 * seconds * rate)] = 0.0
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("floor_dbfs", [None, -60, -45])
+def test_trim_silence_cuts_to_a_margin(floor_dbfs):
+    """2 s before and 1 s after the speech, digital or a noise floor: 10 ms are left before it
+    and 80 ms after, the pause inside stays."""
+    rate = 16000
+    speech = _speech_like(1.0)
+    x = np.concatenate([np.zeros(2 * rate), speech, np.zeros(rate)]).astype(np.float32)
+    if floor_dbfs is not None:
+        x += np.random.default_rng(0).normal(0, 10 ** (floor_dbfs / 20), x.shape).astype(np.float32)
+    y = trim_silence(x, rate)
+    assert abs(len(y) - (len(speech) + 0.09 * rate)) <= 0.02 * rate, len(y) / rate
+    # y is x[cut:]: the cut lies 10 ms before the speech, to a 10 ms frame.
+    cut = np.flatnonzero(np.abs(x) > 0.05)[0] - np.flatnonzero(np.abs(y) > 0.05)[0]
+    assert abs(cut - (2 * rate - 0.01 * rate)) <= 0.01 * rate
+    assert np.array_equal(y, x[cut : cut + len(y)])
+    # Ends with less to cut than min_cut_s stay as they are.
+    short = np.concatenate([np.zeros(int(0.05 * rate)), speech, np.zeros(int(0.15 * rate))]).astype(np.float32)
+    assert np.array_equal(trim_silence(short, rate), short)
+
+
+def test_trim_silence_keeps_what_it_cannot_split():
+    rate = 16000
+    noise = np.random.default_rng(1).normal(0, 0.01, rate).astype(np.float32)
+    assert len(trim_silence(noise, rate)) >= 0.9 * rate  # steady noise: nothing to cut to
+    assert len(trim_silence(np.zeros(rate, np.float32), rate)) == rate
+    speech = _speech_like(0.5)
+    assert np.array_equal(trim_silence(speech, rate), speech)
+
+
+def test_user_features_trim_only_where_the_config_asks():
+    rate = 16000
+    x = np.concatenate([np.zeros(rate), _speech_like(1.0)]).astype(np.float32)
+    plain = PreprocessorConfig()
+    assert torch.equal(user_features(x, plain), log_mel(torch.from_numpy(x), plain)[0])
+    trimmed = PreprocessorConfig.from_dict({"trim_silence": True})
+    assert trimmed.to_dict()["trim_silence"] is True  # kept in the model's config.json
+    got = user_features(x, trimmed)
+    assert torch.equal(got, log_mel(torch.from_numpy(trim_silence(x, rate)), plain)[0])
+    assert got.shape[1] < 0.6 * user_features(x, plain).shape[1]

@@ -33,12 +33,18 @@ def _round_up(x: int, multiple: int) -> int:
     return multiple * ((x + multiple - 1) // multiple)
 
 
+# Keys of this project's own that official configs lack: kept in `extra` (so config.json
+# round-trips and official files stay as they are) without the unknown-key warning.
+OWN_KEYS = {"preprocessor": {"trim_silence"}}
+
+
 def _split_known(cls, data: dict, where: str, warn: bool = True) -> tuple[dict, dict]:
     names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
     known = {k: v for k, v in data.items() if k in names}
     extra = {k: v for k, v in data.items() if k not in names}
-    if extra and warn:
-        warnings.warn(f"config {where}: ignoring unknown keys {sorted(extra)}", stacklevel=3)
+    unknown = sorted(set(extra) - OWN_KEYS.get(where, set()))
+    if unknown and warn:
+        warnings.warn(f"config {where}: ignoring unknown keys {unknown}", stacklevel=3)
     return known, extra
 
 

@@ -176,6 +176,43 @@ def log_mel(wave, cfg: PreprocessorConfig | None = None) -> tuple[torch.Tensor, 
     return feats, valid
 
 
+def trim_silence(wave: np.ndarray, rate: int, lead_s: float = 0.01, trail_s: float = 0.08,
+                 min_cut_s: float = 0.1, frame_s: float = 0.01) -> np.ndarray:
+    """Leading silence cut to `lead_s` and trailing silence to `trail_s`, digital or a steady
+    noise floor; an end is left alone unless at least `min_cut_s` would go.
+
+    A 10 ms frame counts as sound when its peak passes twice the floor (the 10th percentile of
+    the frames' peaks, at least 2e-3: the level the demo's training clips were trimmed at),
+    capped 20 dB under the loudest frame so a noisy clip still keeps its speech. Pauses inside
+    stay; a clip with nothing above the threshold comes back whole. The defaults match the demo
+    model's training clips, which start with the speech and keep <= 80 ms after it.
+    """
+    hop = max(1, int(frame_s * rate))
+    n = len(wave) // hop
+    if n < 3:
+        return wave
+    peaks = np.abs(wave[: n * hop]).reshape(n, hop).max(axis=1)
+    threshold = min(max(2e-3, 2.0 * float(np.percentile(peaks, 10))), 0.1 * float(peaks.max()))
+    loud = np.flatnonzero(peaks > threshold)
+    if loud.size == 0:
+        return wave
+    start = max(0, loud[0] * hop - int(lead_s * rate))
+    end = min(len(wave), (loud[-1] + 1) * hop + int(trail_s * rate))
+    min_cut = int(min_cut_s * rate)
+    return wave[start if start >= min_cut else 0 : end if len(wave) - end >= min_cut else len(wave)]
+
+
+def user_features(wave: np.ndarray, cfg: PreprocessorConfig) -> torch.Tensor:
+    """Log-mel features [n_mels, T] of user audio (mono float32 at cfg.sample_rate). A model
+    whose preprocessor config sets "trim_silence" (the demo model: its clips were trimmed in
+    training, and the per-feature normalisation spreads long silence over every frame) gets
+    its leading and trailing silence cut first."""
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if cfg.extra.get("trim_silence"):
+        wave = trim_silence(wave, cfg.sample_rate)
+    return log_mel(torch.from_numpy(wave), cfg)[0]
+
+
 def log_mel_batch(
     waves, cfg: PreprocessorConfig | None = None, include_terminal_frame: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:

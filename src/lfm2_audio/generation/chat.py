@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..audio.features import log_mel
+from ..audio.features import user_features
 from ..audio.io import load_audio
 from ..config import MODALITY_AUDIO_IN, MODALITY_AUDIO_OUT, MODALITY_TEXT
 from ..errors import InputError
@@ -95,8 +94,7 @@ class Conversation:
         """A path, bytes, file object or array (then give sample_rate) of any rate and channels."""
         pre = self.model.cfg.preprocessor
         wave = load_audio(audio, sample_rate=sample_rate, target_rate=pre.sample_rate)
-        features, _ = log_mel(torch.from_numpy(np.ascontiguousarray(wave)), pre)
-        self.add_features(features)
+        self.add_features(user_features(wave, pre))
 
     def add_features(self, features: torch.Tensor) -> None:
         n = self.model.audio_positions(features.shape[-1])

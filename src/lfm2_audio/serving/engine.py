@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from ..audio.features import log_mel
+from ..audio.features import user_features
 from ..audio.io import load_audio
 from ..config import MODALITY_AUDIO_OUT
 from ..errors import InputError
@@ -254,10 +254,7 @@ class Engine:
 
     def features_16k(self, wave) -> Features:
         """Log-mel features of mono float32 audio already at the model's input rate."""
-        import numpy as np
-
-        feats, _ = log_mel(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)), self.model.cfg.preprocessor)
-        return Features(feats)
+        return Features(user_features(wave, self.model.cfg.preprocessor))
 
     def _post(self, kind: str, item) -> None:
         self._commands.put((kind, item))

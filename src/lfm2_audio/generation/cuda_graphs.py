@@ -442,25 +442,25 @@ class GraphBackbone:
             x = st.x
             ci = ai = 0
             for w in self.blocks:
-                if isinstance(w, ConvBlock) and not one_row:
-                    x = kern.conv(x, w, self.eps, conv[ci], keep_idx, active)
-                elif not one_row:
-                    x = kern.attention(x, w, self.eps, self.qk_eps, self.heads, keys[ai], values[ai], pos, cos, sin,
-                                       mask, keep)
-                else:
-                    if isinstance(w, ConvBlock):
-                        proj = fused.linear(x, w.in_proj, norm=w.op_norm, **hf)
-                        mixed = kern.conv_mix(proj, conv[ci], w.taps, keep_idx, active)
-                    else:
-                        qkv = fused.linear(x, w.qkv, norm=w.op_norm, **hf)
-                        mixed = kern.attention_mix(qkv, w.qk_norm, self.qk_eps, self.heads, keys[ai], values[ai], pos,
-                                                   cos, sin, mask, keep)
-                    x = fused.linear(mixed, w.out, residual=x)
-                    x = fused.linear(fused.linear(x, w.w13, norm=w.ffn_norm, gate=True, **hf), w.w2, residual=x)
                 if isinstance(w, ConvBlock):
+                    if one_row:
+                        proj = fused.linear(x, w.in_proj, norm=w.op_norm, **hf)
+                        x = fused.linear(kern.conv_mix(proj, conv[ci], w.taps, keep_idx, active), w.out, residual=x)
+                    else:
+                        x = kern.conv(x, w, self.eps, conv[ci], keep_idx, active)
                     ci += 1
                 else:
+                    if one_row:
+                        qkv = fused.linear(x, w.qkv, norm=w.op_norm, **hf)
+                        att = kern.attention_mix(qkv, w.qk_norm, self.qk_eps, self.heads, keys[ai], values[ai], pos,
+                                                 cos, sin, mask, keep)
+                        x = fused.linear(att, w.out, residual=x)
+                    else:
+                        x = kern.attention(x, w, self.eps, self.qk_eps, self.heads, keys[ai], values[ai], pos, cos,
+                                           sin, mask, keep)
                     ai += 1
+                if one_row:  # the feed-forward (kern.conv / kern.attention include theirs)
+                    x = fused.linear(fused.linear(x, w.w13, norm=w.ffn_norm, gate=True, **hf), w.w2, residual=x)
             st.h.copy_(_rms_hf(x, self.fast.final_norm, self.eps))
             lengths.add_(active * st.s)
 

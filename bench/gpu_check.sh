@@ -7,8 +7,9 @@
 #
 # graphs: tiny-size tests, official-size bench with graphs next to the plain path; compile: the
 # official-size bench compiled; all (default): both, then the compiled tiny tests and codecs.
-# fused: the fused Triton kernels' CUDA tests, then speed with them (compiled, and a sweep), and at
-# batch 1 compiled without them and uncompiled with them. Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
+# fused: the fused Triton kernels' CUDA tests, then speed with them (compiled, and a sweep), at
+# batch 1 compiled without them and uncompiled with them, then each projection kernel against
+# cuBLAS (bench/kernels.py). Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
 # are installed first when present.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -45,6 +46,7 @@ STAGE=${1:-all}
             step 100 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" --text-tokens 6 \
                 --repeats 3 --skip-plain $opts
         done
+        step 90 python3 bench/kernels.py
         exit 0
     fi
     if [ "$STAGE" != compile ]; then

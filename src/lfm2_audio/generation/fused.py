@@ -102,6 +102,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = No
     (W = [W1; W3]), and + residual."""
     x = x.contiguous()
     K = x.shape[-1]
+    if weight.shape[1] != K or not weight.is_contiguous():
+        raise ValueError(f"fused.linear needs a contiguous [N, {K}] weight, got {tuple(weight.shape)} "
+                         f"with strides {weight.stride()}")
     N = weight.shape[0] // (2 if gate else 1)
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     flags = dict(NORM=0 if norm is None else NORM_STYLES[norm_style], GATE=gate, HAS_BIAS=bias is not None,

@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--graphs", default="auto", choices=["auto", "on", "off"], help="CUDA graph path of the fast engine")
     ap.add_argument("--compile", action="store_true", help="torch.compile the graph path's step functions")
     ap.add_argument("--triton", default="auto", choices=["auto", "on", "off"],
-                    help="one-row frames of the graph path through the fused Triton kernels")
+                    help="the graph path's one-row decode steps and frames through the fused Triton kernels")
     ap.add_argument("--threads", type=int, default=0, help="0: every core")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--text-tokens", type=int, default=12)

@@ -199,7 +199,11 @@ def trim_silence(wave: np.ndarray, rate: int, lead_s: float = 0.01, trail_s: flo
     start = max(0, loud[0] * hop - int(lead_s * rate))
     end = min(len(wave), (loud[-1] + 1) * hop + int(trail_s * rate))
     min_cut = int(min_cut_s * rate)
-    return wave[start if start >= min_cut else 0 : end if len(wave) - end >= min_cut else len(wave)]
+    if start < min_cut:
+        start = 0
+    if len(wave) - end < min_cut:
+        end = len(wave)
+    return wave[start:end]
 
 
 def user_features(wave: np.ndarray, cfg: PreprocessorConfig) -> torch.Tensor:

@@ -419,6 +419,7 @@ def main(argv=None) -> int:
     result["cuda_graphs"] = fast.cuda_graphs
     result["compiled"] = fast.cuda_graphs and fast.lfm.kernels.compiled
     result["triton"] = fast.cuda_graphs and fast.depth.fused is not None
+    result["pdl"] = result["triton"] and fast.depth.fused.uses_pdl(torch.device(args.device))
     t = time.perf_counter()
     result["fast"] = measure(fast, prompt, **timing)
     result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9

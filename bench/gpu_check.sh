@@ -7,9 +7,9 @@
 #
 # graphs: tiny-size tests, official-size bench with graphs next to the plain path; compile: the
 # official-size bench compiled; all (default): both, then the compiled tiny tests and codecs.
-# fused: the fused Triton kernels' CUDA tests, then speed with them (compiled, and a sweep), at
-# batch 1 compiled without them and uncompiled with them, then each projection kernel against
-# cuBLAS (bench/kernels.py). Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
+# fused: the fused Triton kernels' CUDA tests, then batch-1 speed with them, uncompiled with
+# and without programmatic dependent launch (LFM2_AUDIO_PDL), then compiled, then each
+# projection kernel against cuBLAS (bench/kernels.py). Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
 # are installed first when present.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -39,13 +39,12 @@ STAGE=${1:-all}
     if [ "$STAGE" = fused ]; then
         step 100 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
             -p no:cacheprovider -k "cuda and not compiled"
-        step 240 python3 bench/generate.py --device cuda --dtype bf16 --batch 1,64,256 --frames "$FRAMES" \
-            --text-tokens 6 --repeats 3 --skip-plain --compile --triton on
-        for opts in "--compile --triton off" "--triton on"; do
-            # shellcheck disable=SC2086
-            step 100 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" --text-tokens 6 \
-                --repeats 3 --skip-plain $opts
+        for pdl in 1 0; do
+            step 60 env LFM2_AUDIO_PDL=$pdl python3 bench/generate.py --device cuda --dtype bf16 --batch 1 \
+                --frames "$FRAMES" --text-tokens 6 --repeats 3 --skip-plain --triton on
         done
+        step 200 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3 --skip-plain --compile --triton on
         step 90 python3 bench/kernels.py
         exit 0
     fi

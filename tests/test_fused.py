@@ -60,6 +60,20 @@ def test_linear_variants_match_torch(dtype):
 
 
 @interpreted
+def test_pick_embed_add_takes_the_first_best_code():
+    """The greedy code as torch's argmax gives it (the first of equal logits), written into a
+    view of the codes, and the next slot's input z + table[code]; without a table, the code only."""
+    logits = _rand(1, 2049, seed=1)
+    logits[0, [700, 1500]] = 9.0
+    table, z = _rand(2049, 48, seed=2), _rand(1, 48, seed=3)
+    codes = torch.full((1, 8), -1, dtype=torch.long)
+    out = fused.pick_embed_add(logits, codes[:, 3], table, z)
+    assert codes.tolist() == [[-1, -1, -1, 700, -1, -1, -1, -1]] and logits.argmax(-1).item() == 700
+    torch.testing.assert_close(out, z + table[700])
+    assert fused.pick_embed_add(logits, codes[:, 7]) is None and codes[0, 7].item() == 700
+
+
+@interpreted
 @torch.inference_mode()
 def test_layer_step_matches_graph_step():
     """Every slot of one depthformer layer: output and both caches as the graph path's

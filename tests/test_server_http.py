@@ -166,7 +166,9 @@ def test_chat_text_and_audio(client):
     msg = r.json()["choices"][0]["message"]
     wave, rate = sf.read(io.BytesIO(base64.b64decode(msg["audio"]["data"])), dtype="float32")
     assert rate == 24000 and wave.size > 0 and isinstance(msg["audio"]["transcript"], str)
-    assert r.json()["choices"][0]["finish_reason"] == "length"
+    # The random model may end its turn early; a reply cut by max_tokens says so.
+    done = r.json()["usage"]["completion_tokens"]
+    assert r.json()["choices"][0]["finish_reason"] == ("length" if done >= 30 else "stop") and 0 < done <= 30
 
 
 def test_chat_streams_sse_with_audio(client):

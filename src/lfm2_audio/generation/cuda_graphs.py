@@ -556,17 +556,19 @@ class GraphDepth:
         def body():
             z = fused.linear(st.h, lin.weight, bias=lin.bias).view(1, K, self.dim)
             x = z[:, 0]
-            codes = []
             for k in range(K):
                 for w, (kc, vc) in zip(self.blocks, st.kv):
                     x = fused.layer_step(x, w, kc, vc, k, fast.cos2[k], fast.sin2[k], self.eps, self.qk_eps, DEPTH_HEADS)
                 logits = fused.linear(x, self.heads[k], norm=fast.head_norm[k], eps=fast.head_eps,
                                       bias=self.eoa_bias[min(k, 1)])
-                code = pick(logits, st.temperature, None if st.noise is None else st.noise[:, k], top_k)
-                codes.append(code)
-                if k + 1 < K:
-                    x = fused.embed_add(code, fast.embed[k], z[:, k + 1])
-            st.codes.copy_(torch.stack(codes, dim=1))
+                table, z_next = (fast.embed[k], z[:, k + 1]) if k + 1 < K else (None, None)
+                if st.temperature is None:  # greedy: the argmax goes into the embedding's kernel
+                    x = fused.pick_embed_add(logits, st.codes[:, k], table, z_next)
+                    continue
+                code = pick(logits, st.temperature, st.noise[:, k], top_k)
+                st.codes[:, k].copy_(code)
+                if table is not None:
+                    x = fused.embed_add(code, table, z_next)
 
         return body
 

@@ -71,8 +71,19 @@ def use_all_cores() -> int:
     return n
 
 
-def can_prepack(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def can_prepack(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN can reorder weights of `dtype` on this CPU (its bf16 and fp16 paths need
+    AVX-512 or AVX-NE-CONVERT, which many CPUs lack)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    if not hasattr(ops, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.bfloat16:
+        return ops._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return ops._is_mkldnn_fp16_supported()
+    return True
 
 
 # ---- weights ----------------------------------------------------------------------------------
@@ -506,7 +517,7 @@ class FastLFM2Audio:
             torch.set_num_threads(threads)
         if prepack is None:  # in fp32 oneDNN sums in another order than MKL: not with exact
             prepack = not exact or model.dtype in (torch.bfloat16, torch.float16)
-        prepack = prepack and can_prepack(model.device)
+        prepack = prepack and can_prepack(model.device, model.dtype)
         self.model = model
         self.prepack = prepack
         with torch.no_grad():

@@ -13,12 +13,20 @@ the weights. Here a layer step is 5 kernels:
     linear(norm=ffn_norm, gate)   silu(x W1^T) * (x W3^T), W1 and W3 stacked as one matrix
     linear(residual=x)            x + g W2^T
 
-and a codebook adds the head (linear with the end-of-audio bias), the pick, and the next slot's
-input (embed_add). Folding the attention into the out projection, each program redoing it,
-made the frame slower on an H200 (1.98 ms of depthformer against 1.28). The backbone's one-row
+and a codebook adds the head (linear with the end-of-audio bias) and one kernel for the greedy
+pick and the next slot's input (pick_embed_add; sampling picks with torch ops, then embed_add).
+Folding the attention into the out projection, each program redoing it, made the frame slower
+on an H200 (1.98 ms of depthformer against 1.28). The backbone's one-row
 decode step runs its four projections through the same `linear` (norm_style "hf"), the conv or
 attention between them unchanged. Every rounding to the model dtype happens where the torch ops
 round, so results agree with the graph path and the plain path to rounding.
+
+On Hopper and later every kernel is launched with programmatic dependent launch (PDL): it
+lets the next kernel start as soon as it begins, and that kernel reads its first weight tile,
+which no kernel writes, before it waits for this one to finish. The launch gap and the first
+DRAM round trip of each of the ~260 kernels of a frame then overlap the kernel before it. Every
+kernel waits (gdc_wait) before it reads an activation or writes anything, so a kernel's wait
+also covers every kernel before it. LFM2_AUDIO_PDL=0 turns it off (for side-by-side timing).
 
 With TRITON_INTERPRET=1 set before this module is imported, the kernels run on CPU tensors
 through Triton's interpreter (how the CPU tests check them).
@@ -31,14 +39,38 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def uses_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL: compiled kernels on sm_90 and later."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("LFM2_AUDIO_PDL", "1") == "0":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL_DEVICES[index]
+
+
+def _launch(x: torch.Tensor) -> dict:
+    return {"PDL": True, "launch_pdl": True} if uses_pdl(x.device) else {"PDL": False}
+
+
+@triton.jit
+def _wait_for_previous(PDL: tl.constexpr):
+    """Let the next kernel launch now, then wait until the previous one has finished."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps,
                    NORM: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n] = epilogue(sum_k prologue(x)[k] * W[n, k]) for one row x [K], W [N (2N with GATE), K].
     NORM 1: RMSNorm with the weight applied in fp32 before rounding (the depthformer's); 2: the
     normalised x rounded, then times the weight and rounded again (the backbone's)."""
@@ -46,6 +78,12 @@ def _linear_kernel(x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
+    tile = w_ptr + rows[:, None] * K + cols[None, :]
+    # Each weight tile is loaded one step ahead of its use; the first before the wait.
+    w = tl.load(tile, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    if GATE:
+        wb = tl.load(tile + N * K, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    _wait_for_previous(PDL)
     if NORM:
         squares = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -67,12 +105,14 @@ def _linear_kernel(x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps
             g = tl.load(norm_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
             xv = ((xv.to(tl.float32) * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty)
         xf = xv.to(tl.float32)[None, :]
-        tile_ok = row_ok[:, None] & c_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * K + c[None, :], mask=tile_ok, other=0.0)
+        next_ok = row_ok[:, None] & (c + BLOCK_K < K)[None, :]
+        w_next = tl.load(tile + k0 + BLOCK_K, mask=next_ok, other=0.0)
         acc += w.to(tl.float32) * xf
+        w = w_next
         if GATE:
-            wb = tl.load(w_ptr + (rows[:, None] + N) * K + c[None, :], mask=tile_ok, other=0.0)
+            wb_next = tl.load(tile + N * K + k0 + BLOCK_K, mask=next_ok, other=0.0)
             acc_b += wb.to(tl.float32) * xf
+            wb = wb_next
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -112,9 +152,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = No
     args = (x, weight, x if norm is None else norm, x if bias is None else bias,
             x if residual is None else residual.contiguous(), out, N, K, eps)
     if INTERPRET:  # few, large programs: the interpreter's cost is per program
-        _linear_kernel[(triton.cdiv(N, 256),)](*args, **flags, BLOCK_N=256, BLOCK_K=128)
+        _linear_kernel[(triton.cdiv(N, 256),)](*args, **flags, PDL=False, BLOCK_N=256, BLOCK_K=128)
     else:
-        _linear_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
+        _linear_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags, **_launch(x))
     return out
 
 
@@ -134,8 +174,10 @@ def _norm_rope(qkv_ptr, norm_ptr, heads, d, cos, sin, eps, HD: tl.constexpr, out
 
 @triton.jit
 def _depth_attention_kernel(qkv_ptr, qk_norm_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, out_ptr, slot, eps,
-                            scale, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, SLOTS: tl.constexpr):
+                            scale, H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, SLOTS: tl.constexpr,
+                            PDL: tl.constexpr):
     """KV head `program_id` of one row: its G query heads attend over slots [0, slot]."""
+    _wait_for_previous(PDL)
     out_ty = out_ptr.dtype.element_ty
     G: tl.constexpr = H // KV
     kv = tl.program_id(0)
@@ -170,26 +212,53 @@ def depth_attention(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor,
     _, kv_heads, slots, hd = k_cache.shape
     out = torch.empty(1, heads * hd, dtype=qkv.dtype, device=qkv.device)
     _depth_attention_kernel[(kv_heads,)](qkv, qk_norm, cos, sin, k_cache, v_cache, out, slot, eps, hd**-0.5,
-                                         H=heads, KV=kv_heads, HD=hd, SLOTS=slots)
+                                         H=heads, KV=kv_heads, HD=hd, SLOTS=slots, **_launch(qkv))
     return out
 
 
 @triton.jit
-def _embed_add_kernel(code_ptr, table_ptr, z_ptr, out_ptr, D, BLOCK: tl.constexpr):
-    out_ty = out_ptr.dtype.element_ty
-    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = at < D
-    code = tl.load(code_ptr)
-    e = tl.load(table_ptr + code * D + at, mask=ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + at, (z + e).to(out_ty), mask=ok)
+def _embed_add_kernel(code_ptr, logits_ptr, V, table_ptr, z_ptr, out_ptr, D, PICK: tl.constexpr,
+                      EMBED: tl.constexpr, PDL: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """With PICK, code = argmax(logits) (first of ties, as torch) is written first; with EMBED,
+    out = z + table[code]."""
+    _wait_for_previous(PDL)
+    if PICK:
+        v = tl.arange(0, BLOCK_V)
+        logits = tl.load(logits_ptr + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        code = tl.argmax(logits, axis=0, tie_break_left=True)
+        tl.store(code_ptr, code.to(code_ptr.dtype.element_ty))
+    else:
+        code = tl.load(code_ptr)
+    if EMBED:
+        out_ty = out_ptr.dtype.element_ty
+        at = tl.arange(0, BLOCK_D)
+        ok = at < D
+        e = tl.load(table_ptr + code * D + at, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + at, (z + e).to(out_ty), mask=ok)
 
 
 def embed_add(code: torch.Tensor, table: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """z [1, D] + table[code] for a code [1] left on the device."""
     D = z.shape[-1]
     out = torch.empty_like(z)
-    _embed_add_kernel[(triton.cdiv(D, 1024),)](code, table, z, out, D, BLOCK=1024)
+    _embed_add_kernel[(1,)](code, z, 0, table, z, out, D, PICK=False, EMBED=True, BLOCK_V=16,
+                            BLOCK_D=triton.next_power_of_2(D), **_launch(z))
+    return out
+
+
+def pick_embed_add(logits: torch.Tensor, code: torch.Tensor, table: torch.Tensor | None = None,
+                   z: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The greedy code of logits [1, V] written into `code` (one int64 element, a view is
+    fine), and with a table, z [1, D] + table[code]: the argmax and the next slot's input in
+    one launch."""
+    V = logits.shape[-1]
+    embed = table is not None
+    D = z.shape[-1] if embed else 1
+    out = torch.empty_like(z) if embed else None
+    _embed_add_kernel[(1,)](code, logits, V, table if embed else logits, z if embed else logits,
+                            out if embed else logits, D, PICK=True, EMBED=embed, BLOCK_V=triton.next_power_of_2(V),
+                            BLOCK_D=triton.next_power_of_2(D), **_launch(logits))
     return out
 
 

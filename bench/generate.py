@@ -14,6 +14,8 @@ Prints one JSON line. For each path (`plain`: the eager modules; `fast`: FastLFM
   text_tok_s  text tokens/s (text head + one backbone step each), summed over --batch rows
   audio_fps   audio frames/s (depthformer frame + one backbone step each), summed over rows
   frame_ms    milliseconds per audio frame at the first --batch (1000 * batch / audio_fps)
+  depth_ms    the depthformer's part of a frame (greedy, as audio_fps), and depth_ms_sampled
+              with chat's audio sampling (temperature 1, top-k 4)
   sweep       with several --batch values (or on CUDA): {batch: ms per frame step}, a step being
               the depthformer frame plus one backbone step for every row; a row is real time
               while a step takes < 80 ms (80 ms of audio per frame): `realtime_streams` is the
@@ -54,6 +56,7 @@ from lfm2_audio.config import AUDIO_VOCAB, END_OF_AUDIO, official_config
 from lfm2_audio.generation.chat import Conversation
 from lfm2_audio.generation.fast import FastLFM2Audio, use_all_cores
 from lfm2_audio.generation.generate import generate
+from lfm2_audio.pipeline import CHAT_AUDIO
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel, parse_dtype
 from lfm2_audio.model.quantize import QUANT_MODES, quantize_model
 
@@ -219,6 +222,12 @@ def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> 
             m.sample_frame(h)
 
     out["depth_ms"] = 1000 * best_of(depth_frames, repeats) / n_frames  # the frame's depthformer part
+
+    def sampled_depth_frames():  # as chat samples audio: temperature 1, top-k 4
+        for _ in range(n_frames):
+            m.sample_frame(h, CHAT_AUDIO)
+
+    out["depth_ms_sampled"] = 1000 * best_of(sampled_depth_frames, repeats) / n_frames
     return out
 
 

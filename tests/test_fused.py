@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from lfm2_audio.config import DEPTH_HEADS, DEPTH_KV_HEADS  # noqa: E402
 from lfm2_audio.generation import fused  # noqa: E402
-from lfm2_audio.generation.cuda_graphs import depth_step  # noqa: E402
+from lfm2_audio.generation.cuda_graphs import depth_step, pick  # noqa: E402
 from lfm2_audio.generation.fast import FastLFM2Audio  # noqa: E402
 from lfm2_audio.model.lfm2_audio import random_model  # noqa: E402
 
@@ -62,7 +62,8 @@ def test_linear_variants_match_torch(dtype):
 @interpreted
 def test_pick_embed_add_takes_the_first_best_code():
     """The greedy code as torch's argmax gives it (the first of equal logits), written into a
-    view of the codes, and the next slot's input z + table[code]; without a table, the code only."""
+    view of the codes, and the next slot's input z + table[code]; without a table, the code
+    only; and sampled codes as the graph path's pick draws them."""
     logits = _rand(1, 2049, seed=1)
     logits[0, [700, 1500]] = 9.0
     table, z = _rand(2049, 48, seed=2), _rand(1, 48, seed=3)
@@ -71,6 +72,13 @@ def test_pick_embed_add_takes_the_first_best_code():
     assert codes.tolist() == [[-1, -1, -1, 700, -1, -1, -1, -1]] and logits.argmax(-1).item() == 700
     torch.testing.assert_close(out, z + table[700])
     assert fused.pick_embed_add(logits, codes[:, 7]) is None and codes[0, 7].item() == 700
+    # Draws: the same code as the graph path's pick for the same noise, with and without top-k.
+    temperature = torch.tensor(0.8)
+    for top_k in (0, 4, 64):
+        for seed in range(5):
+            noise = torch.empty(1, 2049).exponential_(generator=torch.Generator().manual_seed(seed))
+            fused.pick_embed_add(logits * 0.1, codes[:, 0], temperature=temperature, noise=noise, top_k=top_k)
+            assert codes[0, 0] == pick(logits * 0.1, temperature, noise, top_k)[0], (top_k, seed)
 
 
 @interpreted
@@ -140,6 +148,14 @@ def test_cuda_fused_frames_match_plain():
             same.append((engine.sample_frame(h) == plain.sample_frame(h)).float().mean().item())
         assert sum(same) / len(same) >= need, (dtype, same)
         assert all(st.run.graph is not None for st in engine.depth._graphs.values())
+        if dtype == torch.float32:  # a draw: the unfused graph's, from the same noise
+            from lfm2_audio.generation.sampling import Sampling
+
+            unfused = FastLFM2Audio(copy.deepcopy(plain), cuda_graphs=True, triton=False)
+            for top_k in (4, None):
+                params = Sampling(temperature=1.0, top_k=top_k)
+                got = engine.sample_frame(h, params, torch.Generator("cuda").manual_seed(3))
+                assert torch.equal(got, unfused.sample_frame(h, params, torch.Generator("cuda").manual_seed(3)))
 
 
 @interpreted

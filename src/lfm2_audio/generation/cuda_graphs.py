@@ -562,13 +562,8 @@ class GraphDepth:
                 logits = fused.linear(x, self.heads[k], norm=fast.head_norm[k], eps=fast.head_eps,
                                       bias=self.eoa_bias[min(k, 1)])
                 table, z_next = (fast.embed[k], z[:, k + 1]) if k + 1 < K else (None, None)
-                if st.temperature is None:  # greedy: the argmax goes into the embedding's kernel
-                    x = fused.pick_embed_add(logits, st.codes[:, k], table, z_next)
-                    continue
-                code = pick(logits, st.temperature, st.noise[:, k], top_k)
-                st.codes[:, k].copy_(code)
-                if table is not None:
-                    x = fused.embed_add(code, table, z_next)
+                x = fused.pick_embed_add(logits, st.codes[:, k], table, z_next, st.temperature,
+                                         None if st.noise is None else st.noise[:, k], top_k)
 
         return body
 

@@ -13,8 +13,8 @@ the weights. Here a layer step is 5 kernels:
     linear(norm=ffn_norm, gate)   silu(x W1^T) * (x W3^T), W1 and W3 stacked as one matrix
     linear(residual=x)            x + g W2^T
 
-and a codebook adds the head (linear with the end-of-audio bias) and one kernel for the greedy
-pick and the next slot's input (pick_embed_add; sampling picks with torch ops, then embed_add).
+and a codebook adds the head (linear with the end-of-audio bias) and one kernel for the pick
+(greedy, or a draw with temperature and top-k) and the next slot's input (pick_embed_add).
 Folding the attention into the out projection, each program redoing it, made the frame slower
 on an H200 (1.98 ms of depthformer against 1.28). The backbone's one-row
 decode step runs its four projections through the same `linear` (norm_style "hf"), the conv or
@@ -217,18 +217,31 @@ def depth_attention(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor,
 
 
 @triton.jit
-def _embed_add_kernel(code_ptr, logits_ptr, V, table_ptr, z_ptr, out_ptr, D, PICK: tl.constexpr,
-                      EMBED: tl.constexpr, PDL: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """With PICK, code = argmax(logits) (first of ties, as torch) is written first; with EMBED,
-    out = z + table[code]."""
+def _pick_embed_add_kernel(code_ptr, logits_ptr, noise_ptr, temperature_ptr, V, table_ptr, z_ptr, out_ptr, D,
+                      SAMPLE: tl.constexpr, TOP_K: tl.constexpr, EMBED: tl.constexpr, PDL: tl.constexpr,
+                      BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The code, written to code_ptr: SAMPLE 0, argmax(logits); 1, a draw as `cuda_graphs.pick`
+    makes it, argmax of softmax(logits / T) (restricted to the TOP_K largest, 0: all) over Exp(1)
+    noise; the first of ties, as torch. With EMBED, out = z + table[code]."""
     _wait_for_previous(PDL)
-    if PICK:
-        v = tl.arange(0, BLOCK_V)
-        logits = tl.load(logits_ptr + v, mask=v < V, other=float("-inf")).to(tl.float32)
-        code = tl.argmax(logits, axis=0, tie_break_left=True)
-        tl.store(code_ptr, code.to(code_ptr.dtype.element_ty))
-    else:
-        code = tl.load(code_ptr)
+    v = tl.arange(0, BLOCK_V)
+    scores = tl.load(logits_ptr + v, mask=v < V, other=float("-inf")).to(tl.float32)
+    if SAMPLE:
+        scores = scores / tl.load(temperature_ptr)
+        if TOP_K:  # the TOP_K-th largest score, counting repeats, as torch.topk
+            if TOP_K <= 16:  # take the best out TOP_K - 1 times: a few reductions, no sort
+                rest = scores
+                for _ in tl.static_range(TOP_K - 1):
+                    rest = tl.where(v == tl.argmax(rest, axis=0, tie_break_left=True), float("-inf"), rest)
+                kth = tl.max(rest, axis=0)
+            else:
+                ranked = tl.sort(scores, descending=True)
+                kth = tl.max(tl.where(v == TOP_K - 1, ranked, float("-inf")), axis=0)
+            scores = tl.where(scores < kth, float("-inf"), scores)
+        # softmax's normalisation scales every entry alike, so the argmax skips it
+        scores = tl.exp(scores - tl.max(scores, axis=0)) / tl.load(noise_ptr + v, mask=v < V, other=1.0)
+    code = tl.argmax(scores, axis=0, tie_break_left=True)
+    tl.store(code_ptr, code.to(code_ptr.dtype.element_ty))
     if EMBED:
         out_ty = out_ptr.dtype.element_ty
         at = tl.arange(0, BLOCK_D)
@@ -238,27 +251,22 @@ def _embed_add_kernel(code_ptr, logits_ptr, V, table_ptr, z_ptr, out_ptr, D, PIC
         tl.store(out_ptr + at, (z + e).to(out_ty), mask=ok)
 
 
-def embed_add(code: torch.Tensor, table: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """z [1, D] + table[code] for a code [1] left on the device."""
-    D = z.shape[-1]
-    out = torch.empty_like(z)
-    _embed_add_kernel[(1,)](code, z, 0, table, z, out, D, PICK=False, EMBED=True, BLOCK_V=16,
-                            BLOCK_D=triton.next_power_of_2(D), **_launch(z))
-    return out
-
-
 def pick_embed_add(logits: torch.Tensor, code: torch.Tensor, table: torch.Tensor | None = None,
-                   z: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The greedy code of logits [1, V] written into `code` (one int64 element, a view is
-    fine), and with a table, z [1, D] + table[code]: the argmax and the next slot's input in
-    one launch."""
+                   z: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None, top_k: int = 0) -> torch.Tensor | None:
+    """The code for logits [1, V], greedy (temperature None) or drawn as `cuda_graphs.pick`
+    draws it (temperature a 0-d fp32 tensor, noise [1, V] ~ Exp(1), top_k 0: all), written
+    into `code` (one int64 element, a view is fine); with a table, also returns z [1, D] +
+    table[code]: the pick and the next slot's input in one launch."""
     V = logits.shape[-1]
     embed = table is not None
     D = z.shape[-1] if embed else 1
     out = torch.empty_like(z) if embed else None
-    _embed_add_kernel[(1,)](code, logits, V, table if embed else logits, z if embed else logits,
-                            out if embed else logits, D, PICK=True, EMBED=embed, BLOCK_V=triton.next_power_of_2(V),
-                            BLOCK_D=triton.next_power_of_2(D), **_launch(logits))
+    sampled = temperature is not None
+    _pick_embed_add_kernel[(1,)](code, logits, noise if sampled else logits, temperature if sampled else logits, V,
+                            table if embed else logits, z if embed else logits, out if embed else logits, D,
+                            SAMPLE=sampled, TOP_K=top_k if sampled and top_k < V else 0, EMBED=embed,
+                            BLOCK_V=triton.next_power_of_2(V), BLOCK_D=triton.next_power_of_2(D), **_launch(logits))
     return out
 
 

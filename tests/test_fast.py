@@ -145,6 +145,45 @@ def test_fast_bf16_prepacked():
     assert F.cosine_similarity(got_logits.float().flatten(), ref.float().flatten(), dim=0) > 0.999
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_wide_half_matmuls_run_in_fp32_without_half_arithmetic(monkeypatch, native):
+    """On a CPU without bf16 arithmetic, 8+ rows of a bf16 matmul (prefill) convert the weight and
+    run in fp32; fewer rows, exact engines and CPUs with bf16 arithmetic keep torch's bf16 op."""
+    from lfm2_audio.generation.fast import FusedLinear
+    from lfm2_audio.model import quantize
+
+    monkeypatch.setattr(quantize, "native_half", lambda dtype: native)
+    lin = torch.nn.Linear(64, 40).to(torch.bfloat16)
+    fast, exact = FusedLinear([lin], prepack=False), FusedLinear([lin], prepack=False, exact=True)
+    for rows in (1, 7, 8, 30):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        bf16 = F.linear(x, lin.weight, lin.bias)
+        fp32 = (x.float() @ lin.weight.float().T + lin.bias.float()).to(torch.bfloat16)
+        assert torch.equal(fast(x), fp32 if rows >= quantize.WIDE_ROWS and not native else bf16)
+        assert torch.equal(exact(x), bf16)
+    q, s = quantize_int8(lin.weight.float())
+    x = torch.randn(30, 64).to(torch.bfloat16)
+    want = x.float() @ (q.float() * s.float()[:, None]).T if not native else F.linear(x, q.to(x.dtype)) * s
+    torch.testing.assert_close(int8_linear(x, q, s).float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@torch.inference_mode()
+def test_encoder_runs_an_fp32_copy_without_half_arithmetic(monkeypatch):
+    from lfm2_audio.generation import fast as fast_module
+
+    model = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    features = [torch.randn(model.cfg.encoder.feat_in, 90), torch.randn(model.cfg.encoder.feat_in, 41)]
+    want = copy.deepcopy(model).float().encode_audio(features)
+    monkeypatch.setattr(fast_module, "native_half", lambda dtype: False)
+    engine = FastLFM2Audio(model, threads=0)
+    got = engine.encode_audio(features)
+    assert engine._encoder32 is not None and got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got, want.to(torch.bfloat16))  # the fp32 result, rounded once
+    assert FastLFM2Audio(model, threads=0, exact=True)._encoder32 is None
+    monkeypatch.setattr(fast_module, "native_half", lambda dtype: True)
+    assert FastLFM2Audio(model, threads=0)._encoder32 is None
+
+
 # ---- int8 ------------------------------------------------------------------------------------
 
 

@@ -218,8 +218,8 @@ def depth_attention(qkv: torch.Tensor, qk_norm: torch.Tensor, cos: torch.Tensor,
 
 @triton.jit
 def _pick_embed_add_kernel(code_ptr, logits_ptr, noise_ptr, temperature_ptr, V, table_ptr, z_ptr, out_ptr, D,
-                      SAMPLE: tl.constexpr, TOP_K: tl.constexpr, EMBED: tl.constexpr, PDL: tl.constexpr,
-                      BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                           SAMPLE: tl.constexpr, TOP_K: tl.constexpr, EMBED: tl.constexpr, PDL: tl.constexpr,
+                           BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """The code, written to code_ptr: SAMPLE 0, argmax(logits); 1, a draw as `cuda_graphs.pick`
     makes it, argmax of softmax(logits / T) (restricted to the TOP_K largest, 0: all) over Exp(1)
     noise; the first of ties, as torch. With EMBED, out = z + table[code]."""
@@ -264,9 +264,10 @@ def pick_embed_add(logits: torch.Tensor, code: torch.Tensor, table: torch.Tensor
     out = torch.empty_like(z) if embed else None
     sampled = temperature is not None
     _pick_embed_add_kernel[(1,)](code, logits, noise if sampled else logits, temperature if sampled else logits, V,
-                            table if embed else logits, z if embed else logits, out if embed else logits, D,
-                            SAMPLE=sampled, TOP_K=top_k if sampled and top_k < V else 0, EMBED=embed,
-                            BLOCK_V=triton.next_power_of_2(V), BLOCK_D=triton.next_power_of_2(D), **_launch(logits))
+                                 table if embed else logits, z if embed else logits, out if embed else logits, D,
+                                 SAMPLE=sampled, TOP_K=top_k if sampled and top_k < V else 0, EMBED=embed,
+                                 BLOCK_V=triton.next_power_of_2(V), BLOCK_D=triton.next_power_of_2(D),
+                                 **_launch(logits))
     return out
 
 

@@ -63,9 +63,7 @@ class LFM2AudioModel(nn.Module):
         """Log-mel clips, each [n_mels, T_i] -> adapter outputs [sum ceil(T_i / 8), hidden]."""
         if not features:
             return torch.zeros(0, self.cfg.lfm.hidden_size, dtype=self.dtype, device=self.device)
-        x, out_lens = self.conformer(*pad_clips(features, self.dtype, self.device))
-        x = torch.cat([x[i, : int(n)] for i, n in enumerate(out_lens)])
-        return self.audio_adapter(x)
+        return run_encoder(self.conformer, self.audio_adapter, features, self.dtype, self.device)
 
     def embed_audio_frames(self, codes: torch.Tensor) -> torch.Tensor:
         """Frames [..., K] of codes in [0, 2048] -> sum of their rows [..., hidden]."""
@@ -239,6 +237,12 @@ def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cp
     model.load_state_dict(state, strict=True, assign=True)
     model.codebook_offsets = torch.arange(cfg.codebooks, device=device) * AUDIO_VOCAB
     return model.eval()
+
+
+def run_encoder(conformer, adapter, features: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """Log-mel clips through a conformer and adapter in `dtype`, the clips' valid frames joined."""
+    x, out_lens = conformer(*pad_clips(features, dtype, device))
+    return adapter(torch.cat([x[i, : int(n)] for i, n in enumerate(out_lens)]))
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ their scales, which `save_pretrained` would write as-is; keep the original check
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -87,6 +88,30 @@ def use_int8_gemv(x2: torch.Tensor) -> bool:
     return x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and x2.shape[0] <= INT8_GEMV_MAX_ROWS
 
 
+# From this many activation rows a CPU without bf16/fp16 arithmetic runs a matmul faster by
+# converting the weight to fp32 first; below it the half-precision GEMV reads fewer bytes.
+WIDE_ROWS = 8
+HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def native_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU has bf16 (fp16) matmul arithmetic: AVX-512 or AVX-NE-CONVERT, by oneDNN."""
+    ops = torch.ops.mkldnn
+    check = ops._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else ops._is_mkldnn_fp16_supported
+    return bool(torch.backends.mkldnn.is_available() and check())
+
+
+def matmul_dtype(x2: torch.Tensor) -> torch.dtype:
+    """The dtype a CPU matmul over x2's rows runs fastest in: fp32 for many bf16/fp16 rows on a
+    CPU without half arithmetic (torch's fallback there is ~3x slower than converting the weight
+    and running fp32), else x2's own."""
+    if (x2.device.type == "cpu" and x2.dtype in HALF and x2.shape[0] >= WIDE_ROWS
+            and not native_half(x2.dtype)):
+        return torch.float32
+    return x2.dtype
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ (q * scales[:, None]).T (+ bias) with the fastest kernel for the shape."""
     lead, K = x.shape[:-1], x.shape[-1]
@@ -94,30 +119,41 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
     if use_int8_gemv(x2):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scales.to(x2.dtype))
     else:
-        y = _converted_matmul(x2, q, scales.to(x2.dtype))
+        y = converted_linear(x2, q, scales)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, q.shape[0])
 
 
-def _converted_matmul(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The dense GEMM on the int8 values (exact in bf16 and fp32), scaled per output column
-    after. Weight rows are converted block by block into one reused buffer: a fresh tensor per
-    matmul costs ~8x the conversion itself in page faults, and blocks bound the buffer."""
-    N, K = q.shape
+def converted_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [rows, K] @ w.T (int8 or float w), times per-column scales, plus bias, as a dense GEMM in
+    `matmul_dtype(x2)` (int8 values are exact in bf16 and fp32), returned in x2's dtype. Weight
+    rows are converted block by block into one reused buffer: a fresh tensor per matmul costs ~8x
+    the conversion itself in page faults, and blocks bound the buffer."""
+    dtype = matmul_dtype(x2)
+    xc = x2.to(dtype)
+    N, K = w.shape
     rows = min(N, QUANT_GEMM_ROWS)
-    buf = _scratch(rows * K, x2.dtype, x2.device)
-    if N == rows:
-        w = buf.view(N, K)
-        w.copy_(q)
-        return F.linear(x2, w) * scales
-    y = torch.empty(x2.shape[0], N, dtype=x2.dtype, device=x2.device)
-    for i in range(0, N, rows):
-        n = min(rows, N - i)
-        w = buf[: n * K].view(n, K)
-        w.copy_(q[i : i + n])
-        y[:, i : i + n] = F.linear(x2, w)
-    return y * scales
+    if w.dtype == dtype:
+        y = F.linear(xc, w)
+    elif N == rows:
+        block = _scratch(N * K, dtype, x2.device).view(N, K)
+        block.copy_(w)
+        y = F.linear(xc, block)
+    else:
+        buf = _scratch(rows * K, dtype, x2.device)
+        y = torch.empty(x2.shape[0], N, dtype=dtype, device=x2.device)
+        for i in range(0, N, rows):
+            n = min(rows, N - i)
+            block = buf[: n * K].view(n, K)
+            block.copy_(w[i : i + n])
+            y[:, i : i + n] = F.linear(xc, block)
+    if scales is not None:
+        y = y * scales.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x2.dtype)
 
 
 def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scales127: torch.Tensor,

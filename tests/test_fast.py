@@ -147,7 +147,7 @@ def test_fast_bf16_prepacked():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_wide_half_matmuls_run_in_fp32_without_half_arithmetic(monkeypatch, native):
-    """On a CPU without bf16 arithmetic, 8+ rows of a bf16 matmul (prefill) convert the weight and
+    """On a CPU without bf16 arithmetic, 16+ rows of a bf16 matmul (prefill) convert the weight and
     run in fp32; fewer rows, exact engines and CPUs with bf16 arithmetic keep torch's bf16 op."""
     from lfm2_audio.generation.fast import FusedLinear
     from lfm2_audio.model import quantize
@@ -155,7 +155,7 @@ def test_wide_half_matmuls_run_in_fp32_without_half_arithmetic(monkeypatch, nati
     monkeypatch.setattr(quantize, "native_half", lambda dtype: native)
     lin = torch.nn.Linear(64, 40).to(torch.bfloat16)
     fast, exact = FusedLinear([lin], prepack=False), FusedLinear([lin], prepack=False, exact=True)
-    for rows in (1, 7, 8, 30):
+    for rows in (1, 15, 16, 30):
         x = torch.randn(rows, 64).to(torch.bfloat16)
         bf16 = F.linear(x, lin.weight, lin.bias)
         fp32 = (x.float() @ lin.weight.float().T + lin.bias.float()).to(torch.bfloat16)

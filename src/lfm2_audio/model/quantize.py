@@ -89,8 +89,9 @@ def use_int8_gemv(x2: torch.Tensor) -> bool:
 
 
 # From this many activation rows a CPU without bf16/fp16 arithmetic runs a matmul faster by
-# converting the weight to fp32 first; below it the half-precision GEMV reads fewer bytes.
-WIDE_ROWS = 8
+# converting the weight to fp32 first; below it the half-precision GEMV reads fewer bytes. On a
+# 2-core AVX2 EPYC, a 16384 x 2048 bf16 weight: even at 16 rows, 1.5x faster at 24, 1.9x at 48.
+WIDE_ROWS = 16
 HALF = (torch.bfloat16, torch.float16)
 
 

@@ -336,9 +336,10 @@ def test_tts_evaluation_scores_the_model_espeak_and_the_codec_round_trip(tmp_pat
         audio = np.zeros(rate // 4, np.float32)
 
     class Model:
-        codec = Codec()
+        codec, asked = Codec(), []
 
         def speak(self, text, **kw):
+            self.asked.append(kw.get("audio_sampling"))
             return Reply()
 
     class Judge:
@@ -349,6 +350,10 @@ def test_tts_evaluation_scores_the_model_espeak_and_the_codec_round_trip(tmp_pat
     assert out["judge_wer_espeak"] == 0.0
     assert out["judge_wer"] == out["judge_wer_codec"] == pytest.approx(4 / 6)
     assert out["items"][0]["judge_on_codec"] == "the dog"
+    from lfm2_audio.generation.sampling import Sampling  # `lfm2-audio eval --audio-temperature 0.3 --audio-top-k 8`
+
+    eval_tts(Model(), [rec], tmp_path, None, log=lambda s: None, sampling=Sampling(0.3, 8))
+    assert Model.asked == [None, Sampling(0.3, 8)]
 
 
 def test_asr_evaluation_can_put_silence_before_each_clip(tmp_path):

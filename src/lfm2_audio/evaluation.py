@@ -307,7 +307,8 @@ def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, lo
 
 
 def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
-             max_new_tokens: int = 1024, log=print) -> dict:
+             max_new_tokens: int = 1024, log=print, sampling=None) -> dict:
+    """sampling: the audio sampling (default: what `speak` uses)."""
     from .training.synth import pitch_track
 
     refs, hyps, espeak_hyps, codec_hyps, items = [], [], [], [], []
@@ -318,7 +319,8 @@ def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
     for i, rec in enumerate(records):
         text, voice = rec["meta"]["text"], rec["meta"]["voice_name"]
         t0 = time.perf_counter()
-        reply = lfm.speak(text, voice=voice, seed=seed + i, max_new_tokens=max_new_tokens)
+        reply = lfm.speak(text, voice=voice, seed=seed + i, max_new_tokens=max_new_tokens,
+                          **({} if sampling is None else {"audio_sampling": sampling}))
         busy += time.perf_counter() - t0
         frames += int(reply.frames.shape[0])
         item = {"id": rec["id"], "voice": voice, "text": text, "frames": int(reply.frames.shape[0]),
@@ -378,7 +380,8 @@ def _pitch_summary(f0: dict) -> dict:
 
 
 def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
-             max_new_tokens: int = 1024, log=print, lead_silence: float = 0.0) -> dict:
+             max_new_tokens: int = 1024, log=print, lead_silence: float = 0.0, sampling=None) -> dict:
+    """sampling: the audio sampling (default: what `respond` uses)."""
     from .errors import InputError
 
     turns, first_audio, first_frame, frames, busy = [], [], [], 0, 0.0
@@ -391,7 +394,8 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
             text, chunks, n, t_audio, t_frame, error = [], [], 0, None, None, None
             t0 = time.perf_counter()
             try:
-                for e in lfm.respond(conv, wave, sample_rate=sr, seed=seed + i * 8 + t, max_new_tokens=max_new_tokens):
+                for e in lfm.respond(conv, wave, sample_rate=sr, seed=seed + i * 8 + t, max_new_tokens=max_new_tokens,
+                                     **({} if sampling is None else {"audio_sampling": sampling})):
                     if e.kind == "text":
                         text.append(e.text)
                     elif e.kind == "audio":
@@ -504,6 +508,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--lead-silence", type=float, default=0.0, metavar="SECONDS",
                     help="put this much silence before every spoken input (asr, s2s)")
+    ap.add_argument("--audio-temperature", type=float, default=None,
+                    help="audio sampling temperature for tts and s2s (default: each one's own, 0.8 and 1.0)")
+    ap.add_argument("--audio-top-k", type=int, default=None,
+                    help="audio sampling top-k for tts and s2s (default: each one's own, 64 and 4)")
     ap.add_argument("--vocoder", default=None, choices=VOCODERS,
                     help="demo model's mel codec only: the vocoder that makes the audio (default: hifigan)")
 
@@ -527,14 +535,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .errors import InputError
-    from .pipeline import LFM2Audio
+    from .generation.sampling import Sampling
+    from .pipeline import CHAT_AUDIO, TTS_AUDIO, LFM2Audio
     from .training.synth import read_records
+
+    def audio_sampling(default: Sampling) -> Sampling:
+        return Sampling(default.temperature if args.audio_temperature is None else args.audio_temperature,
+                        default.top_k if args.audio_top_k is None else args.audio_top_k)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     data = Path(args.data)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        sampling = {"tts": audio_sampling(TTS_AUDIO), "s2s": audio_sampling(CHAT_AUDIO)}
         ensure_test_sets(data, max(args.test_size, args.limit or 0), args.seed)
         lfm = LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, vocoder=args.vocoder)
     except (InputError, RuntimeError) as e:
@@ -548,6 +562,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = {"model": str(args.model or "demo"), "data": str(data), "limit": args.limit, "seed": args.seed,
               "lead_silence": args.lead_silence,
+              "audio_sampling": {t: {"temperature": p.temperature, "top_k": p.top_k} for t, p in sampling.items()},
               "judge": "whisper-base (faster-whisper, int8, greedy)" if judge else None, "vocoder": args.vocoder}
     t0 = time.time()
     for task in tasks:
@@ -557,10 +572,11 @@ def run(args: argparse.Namespace) -> int:
             report["asr"] = eval_asr(lfm, records, data, log=log, lead_silence=args.lead_silence)
         elif task == "tts":
             report["tts"] = eval_tts(lfm, records, data, judge if lfm.codec else None, args.seed,
-                                     args.max_new_tokens, log=log)
+                                     args.max_new_tokens, log=log, sampling=sampling["tts"])
         else:
             report["s2s"] = eval_s2s(lfm, records, data, judge if lfm.codec else None, args.seed,
-                                     args.max_new_tokens, log=log, lead_silence=args.lead_silence)
+                                     args.max_new_tokens, log=log, lead_silence=args.lead_silence,
+                                     sampling=sampling["s2s"])
     report["seconds"] = round(time.time() - t0, 1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -56,9 +56,10 @@ from lfm2_audio.config import AUDIO_VOCAB, END_OF_AUDIO, official_config
 from lfm2_audio.generation.chat import Conversation
 from lfm2_audio.generation.fast import FastLFM2Audio, use_all_cores
 from lfm2_audio.generation.generate import generate
-from lfm2_audio.pipeline import CHAT_AUDIO
+from lfm2_audio.generation.sampling import GREEDY
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel, parse_dtype
 from lfm2_audio.model.quantize import QUANT_MODES, quantize_model
+from lfm2_audio.pipeline import CHAT_AUDIO
 
 
 def forced_text(cfg) -> tuple[int, ...]:
@@ -217,17 +218,13 @@ def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> 
     out["audio_fps"] = batch * n_frames / best_of(audio_steps, repeats)
     out["frame_ms"] = 1000 * batch / out["audio_fps"]
 
-    def depth_frames():
+    def depth_frames(params=GREEDY):
         for _ in range(n_frames):
-            m.sample_frame(h)
+            m.sample_frame(h, params)
 
-    out["depth_ms"] = 1000 * best_of(depth_frames, repeats) / n_frames  # the frame's depthformer part
-
-    def sampled_depth_frames():  # as chat samples audio: temperature 1, top-k 4
-        for _ in range(n_frames):
-            m.sample_frame(h, CHAT_AUDIO)
-
-    out["depth_ms_sampled"] = 1000 * best_of(sampled_depth_frames, repeats) / n_frames
+    # The frame's depthformer part, greedy and sampled as chat samples audio (temperature 1, top-k 4).
+    out["depth_ms"] = 1000 * best_of(depth_frames, repeats) / n_frames
+    out["depth_ms_sampled"] = 1000 * best_of(lambda: depth_frames(CHAT_AUDIO), repeats) / n_frames
     return out
 
 

@@ -129,15 +129,14 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
 
 def converted_linear(x2: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x2 [rows, K] @ w.T (int8 or float w), times per-column scales, plus bias, as a dense GEMM in
-    `matmul_dtype(x2)` (int8 values are exact in bf16 and fp32), returned in x2's dtype. Weight
+    """x2 [rows, K] @ w.T (int8 w, or a float w of another dtype than `matmul_dtype(x2)`), times
+    per-column scales, plus bias, as a dense GEMM in `matmul_dtype(x2)` (int8 values are exact in
+    bf16 and fp32), returned in x2's dtype. Weight
     rows are converted block by block into one reused buffer: a fresh tensor per matmul costs ~8x
     the conversion itself in page faults, and blocks bound the buffer."""
     dtype = matmul_dtype(x2)
     xc = x2.to(dtype).contiguous()
     N, K = w.shape
-    if w.dtype == dtype:
-        return _scaled(F.linear(xc, w), scales, bias).to(x2.dtype)
     # oneDNN's fp32 matmul on a plain weight: 2x MKL's for 16-60 rows on a 2-core AVX2 EPYC
     onednn = dtype == torch.float32 and x2.device.type == "cpu" and torch.backends.mkldnn.is_available()
     matmul = (lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")) if onednn else F.linear

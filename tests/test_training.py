@@ -430,6 +430,21 @@ def test_config_errors(dataset, tmp_path):
     assert main([str(toml), "lr=-1"]) == 2
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_skips_bf16_on_cpus_without_it(monkeypatch, capsys, native):
+    import lfm2_audio.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "native_half", lambda dtype: native)
+    cpu = torch.device("cpu")
+    for precision, bf16 in (("auto", native), ("bf16", True), ("fp32", False)):
+        with trainer.autocast_for(precision, cpu)():
+            assert torch.is_autocast_enabled("cpu") == bf16, precision
+    said = capsys.readouterr().err
+    assert ("no bf16 arithmetic" in said) == (not native)
+    with pytest.raises(InputError, match="precision must be one of"):
+        TrainConfig.from_dict({"output_dir": "o", "train_data": "d", "model_config": "c", "precision": "fp16"})
+
+
 def test_overfit_one_batch(dataset, tmp_path):
     # 4 samples in one row of 2048 positions: every step sees the same batch
     out = tmp_path / "overfit"

@@ -40,7 +40,16 @@ from ..model.conformer import ConformerEncoder, pad_clips
 from ..processor import Tokenizer
 from .data import FIRST_REGULAR_ID, SampleStore, asr_transcript, clip_transcripts
 from .loss import freeze_batchnorm
-from .trainer import config_arguments, config_from_dict, init_weights, load_config_file, lr_at, param_groups
+from .trainer import (
+    autocast_for,
+    check_precision,
+    config_arguments,
+    config_from_dict,
+    init_weights,
+    load_config_file,
+    lr_at,
+    param_groups,
+)
 
 ENCODER_FILE = "encoder.safetensors"
 
@@ -67,7 +76,7 @@ class EncoderPretrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     init_std: float = 0.02
-    precision: str = "bf16"
+    precision: str = "auto"  # as in TrainConfig
     threads: int | None = None
     seed: int = 0
     log_every: int = 50
@@ -78,8 +87,7 @@ class EncoderPretrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EncoderPretrainConfig:
         cfg = config_from_dict(cls, d, "encoder pretraining config")
-        if cfg.precision not in ("bf16", "fp32"):
-            raise InputError(f"precision must be 'bf16' or 'fp32', got {cfg.precision!r}")
+        check_precision(cfg.precision)
         if cfg.clips not in CLIP_SETS:
             raise InputError(f"clips must be one of {CLIP_SETS}, got {cfg.clips!r}")
         for name in ("batch_clips", "max_steps", "log_every", "eval_every", "eval_clips"):
@@ -227,8 +235,7 @@ def pretrain(cfg: EncoderPretrainConfig, log=print) -> dict:
         f"({np.mean([t.numel() for _, _, t in train]):.1f} targets per clip), loaded in {time.time() - t0:.0f} s")
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else (
-        lambda: torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(cfg.precision, torch.device("cpu"))
     log_file = (output_dir / "log.jsonl").open("a")
     t0, seen, last, result = time.time(), 0, [], {}
     for step in range(cfg.max_steps):

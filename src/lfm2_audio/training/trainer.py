@@ -15,6 +15,8 @@ Training from scratch: give "model_config": "config.json" instead of init_from (
 Precision: parameters and AdamW state stay in fp32 (the master weights); the forward runs under
 bf16 autocast. That costs 16 bytes per parameter (1.5B: ~24 GB) but avoids the reference's
 bf16-parameter updates, where a step smaller than bf16 resolution is lost (spec §13.19).
+"auto" (the default) runs fp32 instead on a CPU without bf16 arithmetic (no AVX-512 or AMX),
+where torch's bf16 fallback makes a step several times slower than fp32.
 
 Batch = batch_rows rows x context_length positions per process and accumulation step; the loss
 is normalised by the target counts of the whole global batch (all ranks, all accumulation
@@ -44,6 +46,7 @@ from torch import nn
 from ..config import LFM2AudioConfig
 from ..errors import InputError
 from ..model.lfm2_audio import LFM2AudioModel, parse_device, resolve_checkpoint
+from ..model.quantize import native_half
 from .data import SampleStore, collate, pack_rows
 from .loss import (
     TrainingModel,
@@ -54,6 +57,7 @@ from .loss import (
 )
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -85,7 +89,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     ctc_weight: float = 0.0  # auxiliary CTC on ASR clips' encoder outputs (training.loss.ctc_sum); from scratch: ~0.3
     # runtime
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (see the module docstring)
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
@@ -113,8 +117,7 @@ class TrainConfig:
             raise InputError("give exactly one of init_from (a checkpoint) and model_config (a config.json)")
         if self.init_encoder_from and self.init_from:
             raise InputError("init_encoder_from starts a fresh model (model_config); init_from already has an encoder")
-        if self.precision not in ("bf16", "fp32"):
-            raise InputError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        check_precision(self.precision)
         for name in ("context_length", "batch_rows", "grad_accum_steps", "max_steps", "log_every", "eval_every",
                      "save_every", "keep_checkpoints", "pack_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -178,6 +181,24 @@ class TrainResult:
     step: int
     train: dict  # metrics of the last logged interval
     val: dict | None
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def autocast_for(precision: str, device: torch.device, say: bool = True):
+    """A factory of the forward's autocast context for a config's precision on device."""
+    slow_bf16 = device.type == "cpu" and not native_half(torch.bfloat16)
+    use_bf16 = precision == "bf16" or (precision == "auto" and not slow_bf16)
+    if say and use_bf16 and slow_bf16:
+        print("note: this CPU has no bf16 arithmetic, so bf16 autocast runs several times slower "
+              "than precision=fp32 (or auto)", file=sys.stderr)
+    elif say and precision == "auto":
+        print(f"precision: {'bf16 autocast' if use_bf16 else 'fp32 (this CPU has no bf16 arithmetic)'}",
+              file=sys.stderr)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -527,8 +548,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> TrainResult:
     if d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-    use_bf16 = cfg.precision == "bf16"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    autocast = autocast_for(cfg.precision, device, say=d.main)
 
     alpha, beta = model.cfg.text_loss_multiplier, model.cfg.audio_loss_multiplier
     last_train, last_val = history.get("train", {}), history.get("val")

@@ -32,6 +32,7 @@ from lfm2_audio.training.loss import (
     forward_sums,
     freeze_batchnorm,
     loss_fn,
+    noisy_codes,
     packed_backbone,
     segment_groups,
 )
@@ -286,6 +287,22 @@ def test_packed_row_equals_separate_samples(tok, cfg, model):
     ref = sum(float(s.numerator.detach()) for s in sep) / sum(s.denominator for s in sep)
     assert abs(float(loss.detach()) - ref) < 1e-5 * max(1.0, ref)
     assert parts["text_tokens"] == both.n_text and parts["audio_frames"] == both.n_frames
+
+
+def test_code_noise_changes_what_the_model_reads_not_its_targets(tok, cfg, model):
+    codes = torch.randint(0, 2048, (10_000, 8))
+    codes[::10] = 2048  # end-of-audio frames stay
+    noisy = noisy_codes(codes, 0.3)
+    changed = (noisy != codes).float().mean().item()
+    assert abs(changed - 0.3 * 0.9) < 0.01 and bool((noisy[::10] == 2048).all()) and int(noisy.max()) == 2048
+    batch = collate([[map_conversation(c, tok, cfg, FakeCodec()) for c in _conversations(3, seed=7)]])
+    before = batch.audio_out.clone()
+    clean, noised = forward_sums(model, batch), forward_sums(model, batch, code_noise=0.5)
+    assert torch.equal(batch.audio_out, before)
+    assert (noised.n_text, noised.n_frames) == (clean.n_text, clean.n_frames)
+    assert noised.audio_sum != clean.audio_sum and noised.text_sum != clean.text_sum  # text follows audio runs
+    with pytest.raises(InputError, match="code_noise"):
+        TrainConfig.from_dict({"output_dir": "o", "train_data": "d", "model_config": "c", "code_noise": 1.0})
 
 
 def test_every_live_parameter_gets_a_gradient(tok, cfg, model):

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ..config import LFM2AudioConfig
+from ..config import AUDIO_CODES, LFM2AudioConfig
 from ..errors import InputError
 from ..model.conformer import subsampled_length
 from ..model.lfm2 import Lfm2Model, apply_rope_half, rope_cos_sin, rope_inv_freq
@@ -165,16 +165,27 @@ def _frame_losses(model, h, targets, weights):
     return (ce * weights).sum(-1) / weights.sum()
 
 
-def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float = 0.0) -> LossSums:
+def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float = 0.0,
+                 code_noise: float = 0.0) -> LossSums:
     """Run the model over a batch; return the loss numerator and the per-part sums and counts.
 
     touch_all: also run the parts the batch does not need (audio encoder on a text-only batch,
     depthformer without audio targets, ...) with a zero weight, so every trainable parameter
     gets a gradient every step. DistributedDataParallel needs that (or find_unused_parameters).
     ctc_weight: add this times `ctc_sum` (below) to the numerator; 0 is the spec's loss.
+    code_noise: replace this share of the output codes the model reads back as input (never the
+    targets) by random codes. Teacher-forced, the text after an interleaved audio run can be read
+    off the true speech of that run; generating, that speech is the model's own sample, so a model
+    that learned to listen to it loses the text where its speech goes wrong.
     """
     with sdpa_kernel(SDPA_BACKENDS):
-        return _forward_sums(model, batch, touch_all, ctc_weight)
+        return _forward_sums(model, batch, touch_all, ctc_weight, code_noise)
+
+
+def noisy_codes(codes: torch.Tensor, share: float, vocab: int = AUDIO_CODES) -> torch.Tensor:
+    """codes [N, K] with `share` of the entries (not end-of-audio frames) drawn anew in [0, vocab)."""
+    hit = (torch.rand(codes.shape, device=codes.device) < share) & (codes < vocab)
+    return torch.where(hit, torch.randint_like(codes, vocab), codes)
 
 
 def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -199,12 +210,13 @@ def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
                       torch.tensor([t.numel() for _, t in pairs]), blank=0, reduction="sum", zero_infinity=True)
 
 
-def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0) -> LossSums:
+def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0, code_noise: float = 0.0) -> LossSums:
     cfg = model.cfg
     B, L = batch.modality.shape
     dev = batch.modality.device
     enc = model.encode_audio(batch.audio_in)
-    x = model.embed_inputs(batch.text, enc, batch.audio_out, batch.modality.reshape(-1)).view(B, L, -1)
+    codes_in = noisy_codes(batch.audio_out, code_noise) if code_noise else batch.audio_out
+    x = model.embed_inputs(batch.text, enc, codes_in, batch.modality.reshape(-1)).view(B, L, -1)
     h = packed_backbone(model.lfm, x, batch.position, batch.segment_lengths) if batch.packed else model.lfm(x)
 
     text_sel, audio_sel = batch.targets()
@@ -271,13 +283,13 @@ def metrics(text_sum, n_text, audio_sum, n_frames, a=1.0, b=1.0) -> dict:
 class TrainingModel(nn.Module):
     """Wraps the model so one forward call returns the loss sums: what DDP wraps."""
 
-    def __init__(self, model, touch_all: bool = False, ctc_weight: float = 0.0):
+    def __init__(self, model, touch_all: bool = False, ctc_weight: float = 0.0, code_noise: float = 0.0):
         super().__init__()
         self.model = model
-        self.touch_all, self.ctc_weight = touch_all, ctc_weight
+        self.touch_all, self.ctc_weight, self.code_noise = touch_all, ctc_weight, code_noise
 
     def forward(self, batch: Batch) -> LossSums:
-        return forward_sums(self.model, batch, self.touch_all, self.ctc_weight)
+        return forward_sums(self.model, batch, self.touch_all, self.ctc_weight, self.code_noise)
 
 
 # ---- parameters ------------------------------------------------------------------------------

@@ -226,6 +226,21 @@ def test_answer_matching():
     assert answer_correct("The capital of France is Paris.", "Paris", "What is the capital of France?")
 
 
+def test_s2s_accuracy_by_where_the_key_falls():
+    from lfm2_audio.evaluation import _by_key_place, key_after_first_run
+
+    class Words:  # one token per word
+        encode = staticmethod(str.split)
+
+    assert key_after_first_run("The capital of Norway is Oslo.", "Oslo", Words, 6) is False
+    assert key_after_first_run("A baby cow is called a calf.", "calf", Words, 6) is True
+    assert key_after_first_run("Four plus four is eight.", "nine", Words, 6) is None
+    turns = [{"key_after_audio": k, "text_correct": c} for k, c in
+             ((False, True), (False, True), (False, False), (True, False), (True, True), (None, True))]
+    assert _by_key_place(turns) == {"after_audio": {"n": 2, "text_accuracy": 0.5},
+                                    "first_text_run": {"n": 3, "text_accuracy": 2 / 3}}
+
+
 # ---- speech ---------------------------------------------------------------------------------------
 
 

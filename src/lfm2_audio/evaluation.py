@@ -414,7 +414,9 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
             reply = "".join(text).strip()
             item = {"id": rec["id"], "turn": t, "question": meta["question"], "key": meta["key"],
                     "family": meta["family"], "reply": reply, "frames": n,
-                    "text_correct": answer_correct(reply, meta["key"], meta["question"])}
+                    "text_correct": answer_correct(reply, meta["key"], meta["question"]),
+                    "key_after_audio": key_after_first_run(meta.get("answer", ""), meta["key"], lfm.tokenizer,
+                                                           lfm.model.cfg.interleaved_n_text)}
             if error:
                 item["error"] = error
             if judge is not None:
@@ -432,11 +434,31 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
            "text_accuracy": float(np.mean([x["text_correct"] for x in turns])) if turns else None,
            "time_to_first_audio_s": _median(first_audio), "time_to_first_frame_s": _median(first_frame),
            "frames_per_second": frames / max(busy, 1e-9), "frames": frames, "seconds": busy,
-           "by_family": _by_family(turns), "items": turns}
+           "by_family": _by_family(turns), "by_key_place": _by_key_place(turns), "items": turns}
     if judge is not None and turns:
         out["audio_accuracy"] = float(np.mean([x["audio_correct"] for x in turns]))
         out["audio_accuracy_espeak"] = float(np.mean([x["espeak_correct"] for x in turns]))
     return out
+
+
+def key_after_first_run(answer: str, key: str, tokenizer, n_text: int) -> bool | None:
+    """Whether the reference answer's key ends after its first interleaved text run, so that a
+    model writes it after speaking its first audio run (None: the key is not in the answer)."""
+    start = answer.lower().find(key.lower())
+    if start < 0:
+        return None
+    return len(tokenizer.encode(answer[: start + len(key)])) > n_text
+
+
+def _by_key_place(turns: list[dict]) -> dict:
+    """Text accuracy by where the key falls. Teacher-forced, the text after an audio run can be
+    read off that run's true speech; generating, the run is the model's own speech, so a model
+    that learned to listen to it loses the keys that come after it."""
+    places = {}
+    for x in turns:
+        if x.get("key_after_audio") is not None:
+            places.setdefault("after_audio" if x["key_after_audio"] else "first_text_run", []).append(x["text_correct"])
+    return {p: {"n": len(v), "text_accuracy": float(np.mean(v))} for p, v in sorted(places.items())}
 
 
 def _by_family(turns: list[dict]) -> dict:
@@ -480,6 +502,10 @@ def table(report: dict) -> str:
     r = report.get("s2s")
     if r:
         rows.append(("S2S", "answer accuracy, text", _pct(r["text_accuracy"]), r["n_turns"]))
+        for place, label in (("first_text_run", "in the first text run"), ("after_audio", "after an audio run")):
+            if place in r.get("by_key_place", {}):
+                v = r["by_key_place"][place]
+                rows.append(("S2S", f"answer accuracy, text, key {label}", _pct(v["text_accuracy"]), v["n"]))
         if "audio_accuracy" in r:
             rows += [("S2S", "answer accuracy, audio (judge)", _pct(r["audio_accuracy"]), r["n_turns"]),
                      ("S2S", "judge accuracy on espeak answers", _pct(r["audio_accuracy_espeak"]), r["n_turns"])]

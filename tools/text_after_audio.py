@@ -1,0 +1,61 @@
+"""How much a model's text after an interleaved audio run leans on that run's speech.
+
+Teacher-forced text accuracy (argmax) on a precomputed validation set, for text targets right
+after an audio-out position and after a text position, first with the true output codes as input
+and then with those codes replaced by random ones. A large drop after audio means the model reads
+its next words off the speech it has just produced; generating, that speech is its own sample.
+
+    python tools/text_after_audio.py MODEL_DIR [--data data/demo/samples/val] [--rows 32]
+"""
+
+import argparse
+
+import torch
+
+from lfm2_audio.config import MODALITY_AUDIO_OUT, MODALITY_TEXT
+from lfm2_audio.model.lfm2_audio import LFM2AudioModel
+from lfm2_audio.training.data import SampleStore, collate, pack_rows
+from lfm2_audio.training.loss import noisy_codes, packed_backbone
+
+
+def text_accuracy(model, store, rows, code_noise: float, batch_rows: int = 4) -> dict:
+    right = {"after_audio": 0, "after_text": 0}
+    total = dict(right)
+    for i in range(0, len(rows), batch_rows):
+        b = collate([[store[j] for j in row] for row in rows[i : i + batch_rows]])
+        B, L = b.modality.shape
+        codes = noisy_codes(b.audio_out, code_noise) if code_noise else b.audio_out
+        enc = model.encode_audio(b.audio_in)
+        x = model.embed_inputs(b.text, enc, codes, b.modality.reshape(-1)).view(B, L, -1)
+        h = packed_backbone(model.lfm, x, b.position, b.segment_lengths) if b.packed else model.lfm(x)
+        text_sel, _ = b.targets()
+        ids = torch.zeros(B, L, dtype=torch.long)
+        ids[b.modality == MODALITY_TEXT] = b.text
+        hit = model.text_logits(h[:, :-1][text_sel]).argmax(-1) == ids[:, 1:][text_sel]
+        before = b.modality[:, :-1][text_sel]
+        for name, flag in (("after_audio", MODALITY_AUDIO_OUT), ("after_text", MODALITY_TEXT)):
+            right[name] += int(hit[before == flag].sum())
+            total[name] += int((before == flag).sum())
+    return {k: (right[k] / max(total[k], 1), total[k]) for k in right}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("--data", default="data/demo/samples/val")
+    ap.add_argument("--rows", type=int, default=32, help="packed rows of 1,024 positions")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = LFM2AudioModel.from_pretrained(args.model, dtype=torch.float32).eval()
+    store = SampleStore(args.data)
+    rows = pack_rows(store.lengths, range(len(store)), 1024, 64)[: args.rows]
+    with torch.no_grad():
+        for label, noise in (("true codes", 0.0), ("random codes", 1.0)):
+            acc = text_accuracy(model, store, rows, noise)
+            print(f"{label:>12}: " + ", ".join(f"{k} {a:.1%} of {n}" for k, (a, n) in acc.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,10 @@
-"""How much a model's text after an interleaved audio run leans on that run's speech.
+"""How much a model's text after an interleaved audio run leans on the codes of that run.
 
 Teacher-forced text accuracy (argmax) on a precomputed validation set, for text targets right
-after an audio-out position and after a text position, first with the true output codes as input
-and then with those codes replaced by random ones. A large drop after audio means the model reads
-its next words off the speech it has just produced; generating, that speech is its own sample.
+after an interleaved audio run (an audio-out frame that is not end-of-audio), after an
+end-of-audio frame (the turn's end) and after a text token, first with the true output codes as
+input and then with those codes replaced by random ones. A large drop after a run means the text
+that follows it leans on its codes; generating, those are the model's own samples.
 
     python tools/text_after_audio.py MODEL_DIR [--data data/demo/samples/val] [--rows 32]
 """
@@ -12,14 +13,14 @@ import argparse
 
 import torch
 
-from lfm2_audio.config import MODALITY_AUDIO_OUT, MODALITY_TEXT
+from lfm2_audio.config import END_OF_AUDIO, MODALITY_AUDIO_OUT, MODALITY_TEXT
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel
 from lfm2_audio.training.data import SampleStore, collate, pack_rows
 from lfm2_audio.training.loss import noisy_codes, packed_backbone
 
 
 def text_accuracy(model, store, rows, code_noise: float, batch_rows: int = 4) -> dict:
-    right = {"after_audio": 0, "after_text": 0}
+    right = {"after_audio_run": 0, "after_end_of_audio": 0, "after_text": 0}
     total = dict(right)
     for i in range(0, len(rows), batch_rows):
         b = collate([[store[j] for j in row] for row in rows[i : i + batch_rows]])
@@ -31,11 +32,15 @@ def text_accuracy(model, store, rows, code_noise: float, batch_rows: int = 4) ->
         text_sel, _ = b.targets()
         ids = torch.zeros(B, L, dtype=torch.long)
         ids[b.modality == MODALITY_TEXT] = b.text
+        first_code = torch.full((B, L), -1, dtype=torch.long)
+        first_code[b.modality == MODALITY_AUDIO_OUT] = b.audio_out[:, 0]
         hit = model.text_logits(h[:, :-1][text_sel]).argmax(-1) == ids[:, 1:][text_sel]
-        before = b.modality[:, :-1][text_sel]
-        for name, flag in (("after_audio", MODALITY_AUDIO_OUT), ("after_text", MODALITY_TEXT)):
-            right[name] += int(hit[before == flag].sum())
-            total[name] += int((before == flag).sum())
+        before, code = b.modality[:, :-1][text_sel], first_code[:, :-1][text_sel]
+        places = {"after_audio_run": (before == MODALITY_AUDIO_OUT) & (code != END_OF_AUDIO),
+                  "after_end_of_audio": code == END_OF_AUDIO, "after_text": before == MODALITY_TEXT}
+        for name, where in places.items():
+            right[name] += int(hit[where].sum())
+            total[name] += int(where.sum())
     return {k: (right[k] / max(total[k], 1), total[k]) for k in right}
 
 

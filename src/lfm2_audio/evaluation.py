@@ -451,9 +451,9 @@ def key_after_first_run(answer: str, key: str, tokenizer, n_text: int) -> bool |
 
 
 def _by_key_place(turns: list[dict]) -> dict:
-    """Text accuracy by where the key falls. Teacher-forced, the text after an audio run can be
-    read off that run's true speech; generating, the run is the model's own speech, so a model
-    that learned to listen to it loses the keys that come after it."""
+    """Text accuracy by where the key falls. Teacher-forced, the text after an audio run always
+    follows true speech codes; generating, it follows the model's own, so a model that leans on
+    those codes loses the keys that come after its first audio run."""
     places = {}
     for x in turns:
         if x.get("key_after_audio") is not None:

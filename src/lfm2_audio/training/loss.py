@@ -174,9 +174,9 @@ def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float
     gets a gradient every step. DistributedDataParallel needs that (or find_unused_parameters).
     ctc_weight: add this times `ctc_sum` (below) to the numerator; 0 is the spec's loss.
     code_noise: replace this share of the output codes the model reads back as input (never the
-    targets) by random codes. Teacher-forced, the text after an interleaved audio run can be read
-    off the true speech of that run; generating, that speech is the model's own sample, so a model
-    that learned to listen to it loses the text where its speech goes wrong.
+    targets) by random codes. Teacher-forced, the text after an interleaved audio run always
+    follows true speech codes; generating, it follows the model's own samples, and a model that
+    leans on those codes loses its text where its speech goes wrong.
     """
     with sdpa_kernel(SDPA_BACKENDS):
         return _forward_sums(model, batch, touch_all, ctc_weight, code_noise)

@@ -16,7 +16,7 @@ import torch
 from lfm2_audio.config import END_OF_AUDIO, MODALITY_AUDIO_OUT, MODALITY_TEXT
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel
 from lfm2_audio.training.data import SampleStore, collate, pack_rows
-from lfm2_audio.training.loss import noisy_codes, packed_backbone
+from lfm2_audio.training.loss import backbone_states
 
 
 def text_accuracy(model, store, rows, code_noise: float, batch_rows: int = 4) -> dict:
@@ -25,10 +25,7 @@ def text_accuracy(model, store, rows, code_noise: float, batch_rows: int = 4) ->
     for i in range(0, len(rows), batch_rows):
         b = collate([[store[j] for j in row] for row in rows[i : i + batch_rows]])
         B, L = b.modality.shape
-        codes = noisy_codes(b.audio_out, code_noise) if code_noise else b.audio_out
-        enc = model.encode_audio(b.audio_in)
-        x = model.embed_inputs(b.text, enc, codes, b.modality.reshape(-1)).view(B, L, -1)
-        h = packed_backbone(model.lfm, x, b.position, b.segment_lengths) if b.packed else model.lfm(x)
+        _, h = backbone_states(model, b, code_noise)
         text_sel, _ = b.targets()
         ids = torch.zeros(B, L, dtype=torch.long)
         ids[b.modality == MODALITY_TEXT] = b.text

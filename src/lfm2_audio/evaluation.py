@@ -306,6 +306,11 @@ def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, lo
             "audio_seconds": heard, "items": items}
 
 
+def _audio_sampling(sampling) -> dict:
+    """The audio_sampling keyword for speak/respond; none at all leaves each its own default."""
+    return {} if sampling is None else {"audio_sampling": sampling}
+
+
 def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
              max_new_tokens: int = 1024, log=print, sampling=None) -> dict:
     """sampling: the audio sampling (default: what `speak` uses)."""
@@ -320,7 +325,7 @@ def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
         text, voice = rec["meta"]["text"], rec["meta"]["voice_name"]
         t0 = time.perf_counter()
         reply = lfm.speak(text, voice=voice, seed=seed + i, max_new_tokens=max_new_tokens,
-                          **({} if sampling is None else {"audio_sampling": sampling}))
+                          **_audio_sampling(sampling))
         busy += time.perf_counter() - t0
         frames += int(reply.frames.shape[0])
         item = {"id": rec["id"], "voice": voice, "text": text, "frames": int(reply.frames.shape[0]),
@@ -395,7 +400,7 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
             t0 = time.perf_counter()
             try:
                 for e in lfm.respond(conv, wave, sample_rate=sr, seed=seed + i * 8 + t, max_new_tokens=max_new_tokens,
-                                     **({} if sampling is None else {"audio_sampling": sampling})):
+                                     **_audio_sampling(sampling)):
                     if e.kind == "text":
                         text.append(e.text)
                     elif e.kind == "audio":

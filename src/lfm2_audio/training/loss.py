@@ -210,14 +210,22 @@ def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
                       torch.tensor([t.numel() for _, t in pairs]), blank=0, reduction="sum", zero_infinity=True)
 
 
-def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0, code_noise: float = 0.0) -> LossSums:
-    cfg = model.cfg
+def backbone_states(model, batch: Batch, code_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder outputs of a batch's input clips and the backbone states [B, L, D] over its
+    rows, with `code_noise` of the output codes read as input replaced (`noisy_codes`)."""
     B, L = batch.modality.shape
-    dev = batch.modality.device
     enc = model.encode_audio(batch.audio_in)
     codes_in = noisy_codes(batch.audio_out, code_noise) if code_noise else batch.audio_out
     x = model.embed_inputs(batch.text, enc, codes_in, batch.modality.reshape(-1)).view(B, L, -1)
     h = packed_backbone(model.lfm, x, batch.position, batch.segment_lengths) if batch.packed else model.lfm(x)
+    return enc, h
+
+
+def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0, code_noise: float = 0.0) -> LossSums:
+    cfg = model.cfg
+    B, L = batch.modality.shape
+    dev = batch.modality.device
+    enc, h = backbone_states(model, batch, code_noise)
 
     text_sel, audio_sel = batch.targets()
     prev = h[:, :-1]

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import AUDIO_CODES, Lfm2Config
 from ..errors import InputError
-from ..weights import load_state, read_json
+from ..weights import empty_modules, load_state, read_json
 from ..model.lfm2 import Lfm2Model, apply_rope_half, rope_cos_sin, rope_inv_freq
 from . import check_codes
 
@@ -136,7 +136,7 @@ class Detokenizer(nn.Module):
             raise InputError(f"{path / 'config.json'}: {e}") from None
         # Build without allocating (the dead 65536-row table alone is 134 MB), then take the
         # checkpoint's tensors as the parameters.
-        with torch.device("meta"):
+        with empty_modules():
             model = cls(cfg)
         file = path / "model.safetensors"
         if not file.exists():

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..audio.features import _filterbank
 from ..errors import InputError
+from ..weights import empty_modules
 
 LRELU_SLOPE = 0.1  # inside the network
 POST_SLOPE = 0.01  # before conv_post the reference uses leaky_relu's default slope
@@ -268,7 +269,7 @@ def generator_from_state_dict(
     right shape, and nothing else."""
     if "generator" in state_dict and isinstance(state_dict["generator"], dict):
         state_dict = state_dict["generator"]  # HiFi-GAN training checkpoints wrap the weights
-    with torch.device("meta"):
+    with empty_modules():
         model = Generator(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     folded, used = {}, set()

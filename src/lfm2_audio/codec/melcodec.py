@@ -48,6 +48,7 @@ from torch import nn
 
 from ..config import AUDIO_CODES, VOCODERS
 from ..errors import InputError
+from ..weights import empty_modules
 from . import CodecInterface, check_wave
 from .griffinlim import GriffinLimStream
 from .griffinlim import push_many as griffin_lim_push_many
@@ -289,7 +290,7 @@ class MelCodec(CodecInterface, nn.Module):
         books = path / CODEBOOKS_FILE
         if not books.is_file():
             raise InputError(f"mel codec codebooks not found: {books}")
-        with torch.device("meta"):
+        with empty_modules():
             model = cls(cfg, vocoder=None)
         model.vocoder = net
         sd = load_file(str(books))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..weights import check_tensors, read_tensors, tensor_shapes
+from ..weights import check_tensors, empty_modules, read_tensors, tensor_shapes
 from . import MIMI_FILE, CodecInterface, check_wave
 
 State = dict  # module -> whatever that module carries between streaming calls
@@ -582,7 +582,7 @@ class Mimi(CodecInterface, nn.Module):
     ) -> "Mimi":
         """Build a Mimi from Kyutai-layout tensors. Every tensor must be present with the right
         shape and nothing else may be there: a silently half-loaded codec makes noise, not errors."""
-        with torch.device("meta"):  # no memory, no init: every value comes from the checkpoint
+        with empty_modules():  # no memory, no init: every value comes from the checkpoint
             model = cls(config, num_codebooks)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         state_dict = _remap_aliases(state_dict)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AUDIO_VOCAB, END_OF_AUDIO, LFM2AudioConfig
 from ..errors import InputError
-from ..weights import check_tensors, read_tensors, tensor_shapes
+from ..weights import check_tensors, empty_modules, read_tensors, tensor_shapes
 from ..generation.sampling import GREEDY, Sampling, sample
 from .conformer import ConformerEncoder, pad_clips, subsampled_length
 from .depthformer import Depthformer, SharedEmbedding
@@ -47,7 +47,7 @@ class LFM2AudioModel(nn.Module):
         self.depth_linear = nn.Linear(d, K * dd)
         self.depthformer = Depthformer(cfg.depthformer)
         self.depth_embeddings = nn.ModuleList(SharedEmbedding(AUDIO_VOCAB, dd, cfg.depthformer.tie) for _ in range(K))
-        self.register_buffer("codebook_offsets", torch.arange(K) * AUDIO_VOCAB, persistent=False)
+        self.register_buffer("codebook_offsets", torch.tensor([k * AUDIO_VOCAB for k in range(K)]), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -216,7 +216,7 @@ def load_weights(cfg: LFM2AudioConfig, files: list[Path], dtype=None, device="cp
         cfg.depthformer.tie = False
     if cfg.tie_audio_embeddings and "audio_embedding.to_logits.weight" in in_file:
         cfg.tie_audio_embeddings = False
-    with torch.device("meta"):
+    with empty_modules():
         model = LFM2AudioModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: shape for k, (shape, _) in in_file.items()}

@@ -56,10 +56,9 @@ from lfm2_audio.config import AUDIO_VOCAB, END_OF_AUDIO, official_config
 from lfm2_audio.generation.chat import Conversation
 from lfm2_audio.generation.fast import FastLFM2Audio, use_all_cores
 from lfm2_audio.generation.generate import generate
-from lfm2_audio.generation.sampling import GREEDY
+from lfm2_audio.generation.sampling import CHAT_AUDIO, GREEDY
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel, parse_dtype
 from lfm2_audio.model.quantize import QUANT_MODES, quantize_model
-from lfm2_audio.pipeline import CHAT_AUDIO
 
 
 def forced_text(cfg) -> tuple[int, ...]:

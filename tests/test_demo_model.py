@@ -43,3 +43,16 @@ def test_demo_answers_a_spoken_question_in_text_and_speech(demo):
     assert reply.reason == "end_of_turn"
     assert reply.sample_rate == 24000 and len(reply.audio) > 0.5 * 24000
     assert np.abs(reply.audio).max() > 0.05  # speech, not silence
+
+
+def test_demo_chats_with_greedy_speech_by_its_config(demo, monkeypatch):
+    # measured on the held-out set: the model's own sampled speech misleads its text after it
+    from lfm2_audio import pipeline
+    from lfm2_audio.generation.sampling import TTS_AUDIO, Sampling
+
+    assert demo.audio_sampling == {"chat": Sampling(0.0, 4), "tts": TTS_AUDIO}
+    seen = []
+    monkeypatch.setattr(pipeline, "generate", lambda conv, mode, text_s, audio_s, *a, **k: seen.append(audio_s) or iter(()))
+    list(demo.respond(demo.chat(), "hi"))
+    list(demo.respond(demo.chat(), "hi", audio_sampling=Sampling(1.0, 4)))
+    assert seen == [Sampling(0.0, 4), Sampling(1.0, 4)]

@@ -130,6 +130,22 @@ def test_interleaved_text_ends_early(monkeypatch, tiny_model, tokenizer):
     assert _kinds(events) == "ttt" + "a" * 21  # audio runs on past 12 once text is done
 
 
+def test_forced_frames_replace_the_speech_and_end_it(monkeypatch, tiny_model, tokenizer):
+    words = tokenizer.encode(" one two three four five six seven eight")[:8]
+    Scripted(monkeypatch, tiny_model, words + [tokenizer.text_end_id, tokenizer.im_end_id], [[5] * 8] * 40)
+    given = torch.arange(14 * 8).view(14, 8) % 2048
+    conv = Conversation(tiny_model, tokenizer)
+    conv.turn("user", "hi")
+    events = list(generate(conv, "interleaved", max_new_tokens=100, force_frames=given))
+    frames = [e.frame for e in events if e.kind == "audio"]
+    # the model's text goes on as usual; its speech is the given frames, then end-of-audio
+    assert _kinds(events) == "t" * 6 + "a" * 12 + "ttt" + "a" * 3
+    assert torch.equal(torch.stack(frames[:14]), given) and (frames[14] == END_OF_AUDIO).all()
+    for bad in (torch.zeros(3, 7, dtype=torch.long), torch.full((2, 8), END_OF_AUDIO)):
+        with pytest.raises(InputError, match="force_frames"):
+            list(generate(Conversation(tiny_model, tokenizer), "interleaved", force_frames=bad))
+
+
 def test_sequential_switching_rules(monkeypatch, tiny_model, tokenizer):
     w = tokenizer.encode(" hello")
     Scripted(monkeypatch, tiny_model, w + [tokenizer.audio_start_id, tokenizer.im_end_id],
@@ -166,6 +182,17 @@ def test_sampled_generation_is_reproducible(tiny_model, tokenizer):
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_a_model_config_can_set_its_own_audio_sampling():
+    from lfm2_audio.generation.sampling import CHAT_AUDIO, TTS_AUDIO, audio_sampling_defaults
+
+    assert audio_sampling_defaults({}) == {"chat": CHAT_AUDIO, "tts": TTS_AUDIO}
+    own = audio_sampling_defaults({"audio_sampling": {"chat": {"temperature": 0}, "tts": {"top_k": 8}}})
+    assert own == {"chat": Sampling(0.0, 4), "tts": Sampling(0.8, 8)}  # unnamed fields keep the reference's
+    for bad in ({"chat": 1}, {"speech": {}}, {"tts": {"temp": 1}}, [1], {"chat": {"top_k": 0}}):
+        with pytest.raises(InputError, match="temperature|audio_sampling|top_k"):
+            audio_sampling_defaults({"audio_sampling": bad})
 
 
 def test_sampling_rules():

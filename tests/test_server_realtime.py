@@ -94,6 +94,8 @@ def test_spoken_turn_with_server_vad(server):
             created = await c.recv()
             assert created["type"] == "session.created"
             assert created["session"]["turn_detection"]["type"] == "server_vad"
+            # the model's default audio sampling (the tiny model's config sets none: the reference's)
+            assert (created["session"]["temperature"], created["session"]["top_k"]) == (1.0, 4)
             await c.send("session.update", session={"input_audio_transcription": {"model": "lfm2-audio"},
                                                     "turn_detection": {"type": "server_vad", "silence_duration_ms": 400}})
             assert (await c.recv())["type"] == "session.updated"

@@ -241,6 +241,47 @@ def test_s2s_accuracy_by_where_the_key_falls():
                                     "first_text_run": {"n": 3, "text_accuracy": 2 / 3}}
 
 
+def test_s2s_evaluation_can_give_the_model_the_reference_speech(tmp_path):
+    # stand-ins: a codec whose codes are the clip's length, a model that answers right only
+    # when it is handed speech
+    import types
+
+    import torch
+
+    from lfm2_audio.evaluation import eval_s2s
+
+    rate = 24000
+    sf.write(tmp_path / "q.wav", np.zeros(8000, np.float32), 16000)
+    sf.write(tmp_path / "a.wav", np.zeros(rate, np.float32), rate)
+    rec = {"id": "test-s2s-000000",
+           "meta": {"turns": [{"question": "Name the capital of Norway.", "answer": "The capital of Norway is Oslo.",
+                               "key": "Oslo", "family": "capital"}]},
+           "messages": [{"role": "user", "content": [{"type": "audio", "path": "q.wav"}]},
+                        {"role": "assistant", "content": [{"type": "interleaved", "path": "a.wav"}]}]}
+
+    class Codec:
+        can_encode, sample_rate = True, rate
+
+        def encode(self, wave):
+            return torch.full((1, 8, wave.shape[-1] // 1920), 3)
+
+    class Model:
+        codec, tokenizer, given = Codec(), types.SimpleNamespace(encode=str.split), []
+        model = types.SimpleNamespace(cfg=types.SimpleNamespace(interleaved_n_text=6))
+
+        def chat(self):
+            return None
+
+        def respond(self, conv, wave, force_frames=None, **kw):
+            self.given.append(force_frames)
+            yield types.SimpleNamespace(kind="text", text="Oslo." if force_frames is not None else "Bergen.")
+
+    plain = eval_s2s(Model(), [rec], tmp_path, None, log=lambda s: None)
+    given = eval_s2s(Model(), [rec], tmp_path, None, log=lambda s: None, reference_speech=True)
+    assert (plain["text_accuracy"], given["text_accuracy"]) == (0.0, 1.0) and given["reference_speech"]
+    assert Model.given[0] is None and Model.given[1].shape == (12, 8)  # [frames, codebooks]
+
+
 # ---- speech ---------------------------------------------------------------------------------------
 
 

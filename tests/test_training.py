@@ -33,6 +33,7 @@ from lfm2_audio.training.loss import (
     freeze_batchnorm,
     loss_fn,
     noisy_codes,
+    own_codes,
     packed_backbone,
     segment_groups,
 )
@@ -303,6 +304,29 @@ def test_code_noise_changes_what_the_model_reads_not_its_targets(tok, cfg, model
     assert noised.audio_sum != clean.audio_sum and noised.text_sum != clean.text_sum  # text follows audio runs
     with pytest.raises(InputError, match="code_noise"):
         TrainConfig.from_dict({"output_dir": "o", "train_data": "d", "model_config": "c", "code_noise": 1.0})
+
+
+def test_self_feed_reads_the_models_own_frames(tok, cfg, model):
+    from lfm2_audio.generation.sampling import GREEDY
+    from lfm2_audio.training.loss import backbone_states
+
+    batch = collate([[map_conversation(c, tok, cfg, FakeCodec()) for c in _conversations(3, seed=7)]])
+    with torch.no_grad():
+        _, h = backbone_states(model, batch)
+        assert torch.equal(own_codes(model, batch, h, 0.0, GREEDY), batch.audio_out)
+        own = own_codes(model, batch, h, 1.0, GREEDY)
+        # each output frame is the greedy frame from the state one position before it
+        out = (batch.modality == A).nonzero().tolist()
+        expect = torch.stack([model.sample_frame(h[b, t - 1][None])[0] for b, t in out])
+    eoa = (batch.audio_out[:, 0] == END_OF_AUDIO) | (expect[:, 0] == END_OF_AUDIO)
+    assert torch.equal(own[eoa], batch.audio_out[eoa]) and torch.equal(own[~eoa], expect[~eoa])
+    assert int((~eoa).sum()) > 10
+    before = batch.audio_out.clone()
+    clean, fed = forward_sums(model, batch), forward_sums(model, batch, self_feed=0.5)
+    assert torch.equal(batch.audio_out, before)
+    assert (fed.n_text, fed.n_frames) == (clean.n_text, clean.n_frames) and fed.audio_sum != clean.audio_sum
+    with pytest.raises(InputError, match="self_feed"):
+        TrainConfig.from_dict({"output_dir": "o", "train_data": "d", "model_config": "c", "self_feed": -0.1})
 
 
 def test_every_live_parameter_gets_a_gradient(tok, cfg, model):

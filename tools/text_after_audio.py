@@ -2,9 +2,11 @@
 
 Teacher-forced text accuracy (argmax) on a precomputed validation set, for text targets right
 after an interleaved audio run (an audio-out frame that is not end-of-audio), after an
-end-of-audio frame (the turn's end) and after a text token, first with the true output codes as
-input and then with those codes replaced by random ones. A large drop after a run means the text
-that follows it leans on its codes; generating, those are the model's own samples.
+end-of-audio frame (the turn's end) and after a text token: with the true output codes as input,
+with every output frame replaced by the model's own sample from the state before it (chat's audio
+sampling, temperature 1 and top-4: one step ahead, `loss.own_codes`), and with random codes. A
+large drop after a run means the text that follows it leans on its codes; generating, those
+are the model's own samples.
 
     python tools/text_after_audio.py MODEL_DIR [--data data/demo/samples/val] [--rows 32]
 """
@@ -16,16 +18,19 @@ import torch
 from lfm2_audio.config import END_OF_AUDIO, MODALITY_AUDIO_OUT, MODALITY_TEXT
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel
 from lfm2_audio.training.data import SampleStore, collate, pack_rows
-from lfm2_audio.training.loss import backbone_states
+from lfm2_audio.generation.sampling import CHAT_AUDIO
+from lfm2_audio.training.loss import backbone_states, own_codes
 
 
-def text_accuracy(model, store, rows, code_noise: float, batch_rows: int = 4) -> dict:
+def text_accuracy(model, store, rows, code_noise: float, own: bool = False, batch_rows: int = 4) -> dict:
     right = {"after_audio_run": 0, "after_end_of_audio": 0, "after_text": 0}
     total = dict(right)
     for i in range(0, len(rows), batch_rows):
         b = collate([[store[j] for j in row] for row in rows[i : i + batch_rows]])
         B, L = b.modality.shape
         _, h = backbone_states(model, b, code_noise)
+        if own:
+            _, h = backbone_states(model, b, codes_in=own_codes(model, b, h, 1.0, CHAT_AUDIO))
         text_sel, _ = b.targets()
         ids = torch.zeros(B, L, dtype=torch.long)
         ids[b.modality == MODALITY_TEXT] = b.text
@@ -54,8 +59,8 @@ def main() -> None:
     store = SampleStore(args.data)
     rows = pack_rows(store.lengths, range(len(store)), 1024, 64)[: args.rows]
     with torch.no_grad():
-        for label, noise in (("true codes", 0.0), ("random codes", 1.0)):
-            acc = text_accuracy(model, store, rows, noise)
+        for label, noise, own in (("true codes", 0.0, False), ("own samples", 0.0, True), ("random codes", 1.0, False)):
+            acc = text_accuracy(model, store, rows, noise, own)
             print(f"{label:>12}: " + ", ".join(f"{k} {a:.1%} of {n}" for k, (a, n) in acc.items()))
 
 

@@ -30,11 +30,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "int4: 4-bit weights in groups of 32 (CPU; fastest decode, lossy: see the README)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, temperature: float, top_k: int | None) -> None:
-    p.add_argument("--temperature", type=float, default=temperature, help="audio sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=top_k)
+def _sampling_args(p: argparse.ArgumentParser, task: str) -> None:
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"audio sampling temperature (0 = greedy; default: the model's own for {task}, "
+                        f"else the reference's: TTS 0.8, chat 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's own, else TTS 64, chat 4")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--text-temperature", type=float, default=0.0)
+
+
+def _audio_sampling(args, lfm, task: str):
+    """The sampling the flags ask for; a flag not given keeps the model's default for the task."""
+    from .generation.sampling import Sampling
+
+    base = lfm.audio_sampling[task]
+    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+    return Sampling(pick(args.temperature, base.temperature), pick(args.top_k, base.top_k), pick(args.top_p, base.top_p))
 
 
 def _load(args):
@@ -68,11 +79,9 @@ def cmd_asr(args) -> int:
 
 
 def cmd_tts(args) -> int:
-    from .generation.sampling import Sampling
-
     lfm = _load(args)
     reply = lfm.speak(args.text, voice=args.voice, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                      audio_sampling=Sampling(args.temperature, args.top_k, args.top_p))
+                      audio_sampling=_audio_sampling(args, lfm, "tts"))
     print("wrote", _write_audio(reply, Path(args.output)))
     return 0
 
@@ -86,7 +95,7 @@ def cmd_chat(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = iter(args.inputs) if args.inputs else _stdin_turns()
-    audio_sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    audio_sampling = _audio_sampling(args, lfm, "chat")
     text_sampling = Sampling(args.text_temperature)
     for turn, item in enumerate(inputs, 1):
         content = item if not Path(item).is_file() else Path(item)
@@ -212,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="speech.wav")
     p.add_argument("--voice", default="us-female", choices=["us-male", "us-female", "uk-male", "uk-female"])
     _model_args(p)
-    _sampling_args(p, 0.8, 64)
+    _sampling_args(p, "tts")
     p.set_defaults(func=cmd_tts)
 
     p = sub.add_parser("chat", help="multi-turn chat: audio files or text in, text and speech out")
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="interleaved", choices=["interleaved", "sequential"])
     p.add_argument("--out-dir", default=".")
     _model_args(p)
-    _sampling_args(p, 1.0, 4)
+    _sampling_args(p, "chat")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="serve the model: OpenAI-style HTTP API, realtime WebSocket, web page")

@@ -385,9 +385,18 @@ def _pitch_summary(f0: dict) -> dict:
 
 
 def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
-             max_new_tokens: int = 1024, log=print, lead_silence: float = 0.0, sampling=None) -> dict:
-    """sampling: the audio sampling (default: what `respond` uses)."""
+             max_new_tokens: int = 1024, log=print, lead_silence: float = 0.0, sampling=None,
+             reference_speech: bool = False) -> dict:
+    """sampling: the audio sampling (default: what `respond` uses). reference_speech: the
+    model's speech is replaced by the reference answer's (encoded by the model's codec), so the
+    text accuracy is what the model writes after speech that is right; against the plain run,
+    the text lost to its own speech."""
+    import torch
+
     from .errors import InputError
+
+    if reference_speech and not (lfm.codec is not None and lfm.codec.can_encode):
+        raise InputError("reference speech needs a codec that can encode")
 
     turns, first_audio, first_frame, frames, busy = [], [], [], 0, 0.0
     for i, rec in enumerate(records):
@@ -396,11 +405,15 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
         answers = _segments(rec, "assistant")
         for t, (q, meta) in enumerate(zip(questions, rec["meta"]["turns"])):
             wave, sr = _read_audio(root, q, lead_silence=lead_silence)
+            forced = {}
+            if reference_speech:
+                ref_wave, _ = _read_audio(root, answers[t], rate=lfm.codec.sample_rate)
+                forced["force_frames"] = lfm.codec.encode(torch.from_numpy(ref_wave)[None])[0].t()
             text, chunks, n, t_audio, t_frame, error = [], [], 0, None, None, None
             t0 = time.perf_counter()
             try:
                 for e in lfm.respond(conv, wave, sample_rate=sr, seed=seed + i * 8 + t, max_new_tokens=max_new_tokens,
-                                     **_audio_sampling(sampling)):
+                                     **_audio_sampling(sampling), **forced):
                     if e.kind == "text":
                         text.append(e.text)
                     elif e.kind == "audio":
@@ -435,7 +448,7 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
         if (i + 1) % 25 == 0:
             log(f"  s2s {i + 1}/{len(records)}: text accuracy so far "
                 f"{np.mean([x['text_correct'] for x in turns]):.3f}")
-    out = {"n_conversations": len(records), "n_turns": len(turns),
+    out = {"n_conversations": len(records), "n_turns": len(turns), "reference_speech": reference_speech,
            "text_accuracy": float(np.mean([x["text_correct"] for x in turns])) if turns else None,
            "time_to_first_audio_s": _median(first_audio), "time_to_first_frame_s": _median(first_frame),
            "frames_per_second": frames / max(busy, 1e-9), "frames": frames, "seconds": busy,
@@ -506,11 +519,12 @@ def table(report: dict) -> str:
         rows.append(("TTS", "audio frames per second", _num(r["frames_per_second"], "{:.1f}"), ""))
     r = report.get("s2s")
     if r:
-        rows.append(("S2S", "answer accuracy, text", _pct(r["text_accuracy"]), r["n_turns"]))
+        given = ", speech given" if r.get("reference_speech") else ""  # the reference's speech, not the model's
+        rows.append(("S2S", f"answer accuracy, text{given}", _pct(r["text_accuracy"]), r["n_turns"]))
         for place, label in (("first_text_run", "in the first text run"), ("after_audio", "after an audio run")):
             if place in r.get("by_key_place", {}):
                 v = r["by_key_place"][place]
-                rows.append(("S2S", f"answer accuracy, text, key {label}", _pct(v["text_accuracy"]), v["n"]))
+                rows.append(("S2S", f"answer accuracy, text{given}, key {label}", _pct(v["text_accuracy"]), v["n"]))
         if "audio_accuracy" in r:
             rows += [("S2S", "answer accuracy, audio (judge)", _pct(r["audio_accuracy"]), r["n_turns"]),
                      ("S2S", "judge accuracy on espeak answers", _pct(r["audio_accuracy_espeak"]), r["n_turns"])]
@@ -540,9 +554,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--lead-silence", type=float, default=0.0, metavar="SECONDS",
                     help="put this much silence before every spoken input (asr, s2s)")
     ap.add_argument("--audio-temperature", type=float, default=None,
-                    help="audio sampling temperature for tts and s2s (default: each one's own, 0.8 and 1.0)")
+                    help="audio sampling temperature for tts and s2s (default: the model's own, config.json "
+                         "audio_sampling, else the reference's 0.8 and 1.0)")
     ap.add_argument("--audio-top-k", type=int, default=None,
-                    help="audio sampling top-k for tts and s2s (default: each one's own, 64 and 4)")
+                    help="audio sampling top-k for tts and s2s (default: the model's own, else 64 and 4)")
+    ap.add_argument("--reference-speech", action="store_true",
+                    help="s2s: speak the reference answer's codes instead of the model's own (text after right speech)")
     ap.add_argument("--vocoder", default=None, choices=VOCODERS,
                     help="demo model's mel codec only: the vocoder that makes the audio (default: hifigan)")
 
@@ -567,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .errors import InputError
     from .generation.sampling import Sampling
-    from .pipeline import CHAT_AUDIO, TTS_AUDIO, LFM2Audio
+    from .pipeline import LFM2Audio
     from .training.synth import read_records
 
     def audio_sampling(default: Sampling) -> Sampling:
@@ -579,11 +596,14 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        sampling = {"tts": audio_sampling(TTS_AUDIO), "s2s": audio_sampling(CHAT_AUDIO)}
         ensure_test_sets(data, max(args.test_size, args.limit or 0), args.seed)
         lfm = LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, vocoder=args.vocoder)
+        sampling = {"tts": audio_sampling(lfm.audio_sampling["tts"]), "s2s": audio_sampling(lfm.audio_sampling["chat"])}
     except (InputError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.reference_speech and "s2s" in tasks and not (lfm.codec is not None and lfm.codec.can_encode):
+        print("error: --reference-speech needs a model whose codec can encode", file=sys.stderr)
         return 2
     judge = None
     if not args.no_judge and ("tts" in tasks or "s2s" in tasks):
@@ -592,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
         log("this checkpoint has no codec: audio is scored by frame counts only (no judge, no pitch)")
 
     report = {"model": str(args.model or "demo"), "data": str(data), "limit": args.limit, "seed": args.seed,
-              "lead_silence": args.lead_silence,
+              "lead_silence": args.lead_silence, "reference_speech": args.reference_speech,
               "audio_sampling": {t: {"temperature": p.temperature, "top_k": p.top_k} for t, p in sampling.items()},
               "judge": "whisper-base (faster-whisper, int8, greedy)" if judge else None, "vocoder": args.vocoder}
     t0 = time.time()
@@ -607,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             report["s2s"] = eval_s2s(lfm, records, data, judge if lfm.codec else None, args.seed,
                                      args.max_new_tokens, log=log, lead_silence=args.lead_silence,
-                                     sampling=sampling["s2s"])
+                                     sampling=sampling["s2s"], reference_speech=args.reference_speech)
     report["seconds"] = round(time.time() - t0, 1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,15 +23,11 @@ from .codec import load_codec
 from .errors import InputError
 from .generation.chat import SYSTEM_PROMPTS, VOICES, Conversation, transcript_token_cap
 from .generation.generate import Event, generate
-from .generation.sampling import GREEDY, Sampling
+from .generation.sampling import GREEDY, Sampling, audio_sampling_defaults
 from .model.lfm2_audio import LFM2AudioModel, parse_device, resolve_checkpoint
 from .processor import Tokenizer
 
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo-model"
-
-# The reference README's settings for each task.
-CHAT_AUDIO = Sampling(temperature=1.0, top_k=4)
-TTS_AUDIO = Sampling(temperature=0.8, top_k=64)
 
 
 def default_model() -> Path:
@@ -57,6 +53,8 @@ class Reply:
 class LFM2Audio:
     def __init__(self, model: LFM2AudioModel, tokenizer: Tokenizer, codec=None):
         self.model, self.tokenizer, self.codec = model, tokenizer, codec
+        # what respond ("chat") and speak ("tts") sample audio with unless told otherwise
+        self.audio_sampling = audio_sampling_defaults(model.cfg.extra)
 
     @classmethod
     def from_pretrained(cls, path_or_id=None, dtype=None, device="cpu", codec: bool = True, fast: bool = True,
@@ -89,18 +87,21 @@ class LFM2Audio:
         return Conversation(self.model, self.tokenizer, system=system, max_context=max_context)
 
     def respond(self, conv: Conversation, *user_contents, mode: str = "interleaved",
-                text_sampling: Sampling = GREEDY, audio_sampling: Sampling = CHAT_AUDIO,
+                text_sampling: Sampling = GREEDY, audio_sampling: Sampling | None = None,
                 max_new_tokens: int = 1024, seed: int | None = None, sample_rate: int | None = None,
-                force_tokens: tuple[int, ...] = ()) -> Iterator[Event]:
+                force_tokens: tuple[int, ...] = (), force_frames: torch.Tensor | None = None) -> Iterator[Event]:
         """Add a user turn (strings are text; paths, bytes, files and arrays are audio) and
         stream the reply.
 
         Audio events carry `audio` (float32 samples at the codec's rate) as soon as each frame
-        is decoded, when a codec is loaded."""
+        is decoded, when a codec is loaded. audio_sampling: by default the model's own for chat
+        (`self.audio_sampling`)."""
+        audio_sampling = audio_sampling or self.audio_sampling["chat"]
         if user_contents:
             conv.turn("user", *user_contents, sample_rate=sample_rate)
         stream = self.codec.stream(1) if self.codec is not None else None
-        for event in generate(conv, mode, text_sampling, audio_sampling, max_new_tokens, seed, force_tokens):
+        for event in generate(conv, mode, text_sampling, audio_sampling, max_new_tokens, seed, force_tokens,
+                              force_frames=force_frames):
             if event.kind == "audio" and stream is not None and not event.is_end_of_audio:
                 event.audio = stream.decode(event.frame.view(1, -1, 1).cpu())[0].numpy()
             elif event.kind == "end" and stream is not None and hasattr(stream, "flush"):
@@ -146,7 +147,7 @@ class LFM2Audio:
                               max_new_tokens=max_new_tokens, sample_rate=rate)
         return reply.text
 
-    def speak(self, text: str, voice: str = "us-female", audio_sampling: Sampling = TTS_AUDIO,
+    def speak(self, text: str, voice: str = "us-female", audio_sampling: Sampling | None = None,
               max_new_tokens: int = 1024, seed: int | None = None) -> Reply:
         if voice not in VOICES:
             raise InputError(f"voice must be one of {', '.join(VOICES)}; got {voice!r}")
@@ -155,7 +156,7 @@ class LFM2Audio:
         conv = self.chat(system=SYSTEM_PROMPTS[f"tts-{voice}"])
         # Speech is the whole answer: start it at once rather than hoping the model opens with
         # <|audio_start|> (it does when trained; forcing it costs nothing and never fails).
-        return self.complete(conv, text, mode="sequential", audio_sampling=audio_sampling,
+        return self.complete(conv, text, mode="sequential", audio_sampling=audio_sampling or self.audio_sampling["tts"],
                              max_new_tokens=max_new_tokens, seed=seed,
                              force_tokens=(self.tokenizer.audio_start_id,))
 

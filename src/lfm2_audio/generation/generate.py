@@ -55,12 +55,16 @@ def generate(
     seed: int | None = None,
     force_tokens: tuple[int, ...] = (),
     details: bool = False,
+    force_frames: torch.Tensor | None = None,
 ) -> Iterator[Event]:
     """Generate the assistant's reply to what the conversation holds, one event per step.
 
     Each text token and each audio frame is one step of `max_new_tokens`. The reply (with its
     end-of-audio frame and <|text_end|>) is added to the conversation, and the turn is closed,
     so the next user turn can follow at once. `force_tokens` replaces the first text samples.
+    `force_frames` [N, K] replaces the audio samples, in order, and ends the audio (end-of-audio)
+    once spent: the reply's speech is given, its text still the model's (a diagnostic: how the
+    text goes on after speech that is right).
     """
     if mode not in ("interleaved", "sequential"):
         raise InputError(f"mode must be 'interleaved' or 'sequential', got {mode!r}")
@@ -73,6 +77,14 @@ def generate(
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
     text_stream = conv.tokenizer.stream(skip_special_tokens=True) if conv.tokenizer is not None else None
     forced = list(force_tokens)
+    if force_frames is not None:
+        force_frames = torch.as_tensor(force_frames, dtype=torch.long)
+        K = model.cfg.codebooks
+        if force_frames.dim() != 2 or force_frames.shape[1] != K:
+            raise InputError(f"force_frames must be [frames, {K}] codes, got {tuple(force_frames.shape)}")
+        if force_frames.numel() and not (0 <= int(force_frames.min()) and int(force_frames.max()) < END_OF_AUDIO):
+            raise InputError(f"force_frames codes must lie in [0, {END_OF_AUDIO})")
+        frames_left = list(force_frames.to(model.device))
 
     if conv.role != "assistant":
         conv.new_turn("assistant")
@@ -111,6 +123,8 @@ def generate(
             else:
                 frame, logits = model.sample_frame(h[None], audio_sampling, generator), None
             frame = frame[0]
+            if force_frames is not None:
+                frame = frames_left.pop(0) if frames_left else torch.full_like(frame, END_OF_AUDIO)
             if frame[0] == END_OF_AUDIO:  # codebook 0 alone decides; the whole frame ends
                 frame = torch.full_like(frame, END_OF_AUDIO)
             last = (MODALITY_AUDIO_OUT, frame)

@@ -33,6 +33,26 @@ class Sampling:
 
 
 GREEDY = Sampling()
+# The reference README's audio settings for each task.
+CHAT_AUDIO = Sampling(temperature=1.0, top_k=4)
+TTS_AUDIO = Sampling(temperature=0.8, top_k=64)
+
+
+def audio_sampling_defaults(config_extra: dict) -> dict[str, Sampling]:
+    """A model's default audio sampling for "chat" and "tts": the reference's, unless its
+    config.json says otherwise with a key of this project's own, e.g.
+    `"audio_sampling": {"chat": {"temperature": 0}}` (fields missing there keep the reference's)."""
+    defaults = {"chat": CHAT_AUDIO, "tts": TTS_AUDIO}
+    given = config_extra.get("audio_sampling") or {}
+    if not isinstance(given, dict) or set(given) - set(defaults):
+        raise InputError(f'config.json audio_sampling must map "chat" and/or "tts" to settings, got {given!r}')
+    for task, fields in given.items():
+        if not isinstance(fields, dict) or set(fields) - {"temperature", "top_k", "top_p"}:
+            raise InputError(f"config.json audio_sampling.{task} takes temperature, top_k and top_p, got {fields!r}")
+        base = defaults[task]
+        defaults[task] = Sampling(fields.get("temperature", base.temperature), fields.get("top_k", base.top_k),
+                                  fields.get("top_p", base.top_p))
+    return defaults
 
 
 def sample(logits: torch.Tensor, params: Sampling = GREEDY, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -16,7 +16,6 @@ import numpy as np
 from ..errors import InputError
 from ..generation.chat import VOICES
 from ..generation.sampling import GREEDY
-from ..pipeline import CHAT_AUDIO
 from .reply import ReplyParams
 from .runtime import Busy, Runtime, chat_system_prompt
 
@@ -60,7 +59,7 @@ def build_demo(rt: Runtime):
             else:
                 session = await rt.open_session(chat_system_prompt(None, voice or None))
                 params = ReplyParams(mode="interleaved" if audio_out else "sequential", text_sampling=GREEDY,
-                                     audio_sampling=CHAT_AUDIO, max_new_tokens=rt.config.max_new_tokens,
+                                     audio_sampling=rt.lfm.audio_sampling["chat"], max_new_tokens=rt.config.max_new_tokens,
                                      stop_at_audio=not audio_out)
                 stream = _closing(rt.reply(session, history + [("user", contents)], params, audio=audio_out), session)
             answer, whole = [], []

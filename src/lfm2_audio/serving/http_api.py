@@ -25,7 +25,6 @@ from starlette.datastructures import UploadFile
 from ..errors import InputError
 from ..generation.chat import SYSTEM_PROMPTS
 from ..generation.sampling import Sampling
-from ..pipeline import CHAT_AUDIO, TTS_AUDIO
 from .audio import b64, to_pcm16, wav_header
 from .runtime import Chunk, Runtime, chat_system_prompt, check_voice
 from .reply import ReplyParams
@@ -180,7 +179,7 @@ def make_router(rt: Runtime) -> APIRouter:
         speed = field(body, "speed", (int, float), default=1.0)
         if speed != 1.0:
             raise ApiError(400, "only speed 1.0 is supported", param="speed", code="unsupported_value")
-        sampling = sampling_of(body, TTS_AUDIO, "temperature", "top_k")
+        sampling = sampling_of(body, rt.lfm.audio_sampling["tts"], "temperature", "top_k")
         params = ReplyParams(mode="sequential", audio_sampling=sampling,
                              max_new_tokens=rt.clamp_tokens(field(body, "max_tokens", int)),
                              seed=field(body, "seed", int),
@@ -261,7 +260,8 @@ def make_router(rt: Runtime) -> APIRouter:
         except InputError as e:
             raise ApiError(400, str(e), param="temperature", code="invalid_value") from None
         params = ReplyParams(mode="interleaved" if want_audio else "sequential", text_sampling=text_sampling,
-                             audio_sampling=sampling_of(body, CHAT_AUDIO, "audio_temperature", "audio_top_k"),
+                             audio_sampling=sampling_of(body, rt.lfm.audio_sampling["chat"], "audio_temperature",
+                                                       "audio_top_k"),
                              max_new_tokens=rt.clamp_tokens(max_tokens), seed=field(body, "seed", int),
                              stop_at_audio=not want_audio)
         instructions, turns = await parse_messages(messages)

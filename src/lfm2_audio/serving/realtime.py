@@ -224,7 +224,8 @@ class RealtimeConnection:
     def __init__(self, ws: WebSocket, rt: Runtime):
         self.ws, self.rt = ws, rt
         self.id = new_id("sess")
-        self.config = SessionConfig()
+        chat = rt.lfm.audio_sampling["chat"]  # the model's default audio sampling
+        self.config = SessionConfig(temperature=chat.temperature, top_k=chat.top_k)
         self.session = None  # the engine session holding this conversation
         self.system: str | None = None
         self.out: asyncio.Queue = asyncio.Queue()

@@ -26,8 +26,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from ..config import AUDIO_CODES, LFM2AudioConfig
+from ..config import AUDIO_CODES, END_OF_AUDIO, MODALITY_AUDIO_OUT, LFM2AudioConfig
 from ..errors import InputError
+from ..generation.sampling import CHAT_AUDIO
 from ..model.conformer import subsampled_length
 from ..model.lfm2 import Lfm2Model, apply_rope_half, rope_cos_sin, rope_inv_freq
 from .data import Batch
@@ -166,7 +167,7 @@ def _frame_losses(model, h, targets, weights):
 
 
 def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float = 0.0,
-                 code_noise: float = 0.0) -> LossSums:
+                 code_noise: float = 0.0, self_feed: float = 0.0) -> LossSums:
     """Run the model over a batch; return the loss numerator and the per-part sums and counts.
 
     touch_all: also run the parts the batch does not need (audio encoder on a text-only batch,
@@ -177,9 +178,12 @@ def forward_sums(model, batch: Batch, touch_all: bool = False, ctc_weight: float
     targets) by random codes. Teacher-forced, the text after an interleaved audio run always
     follows true speech codes; generating, it follows the model's own samples, and a model that
     leans on those codes loses its text where its speech goes wrong.
+    self_feed: read back this share of the output frames as the model's own samples instead
+    (`own_codes`: a first pass without gradient samples them), so that text and speech learn to
+    go on from speech the model would have made. Costs a forward pass more per step.
     """
     with sdpa_kernel(SDPA_BACKENDS):
-        return _forward_sums(model, batch, touch_all, ctc_weight, code_noise)
+        return _forward_sums(model, batch, touch_all, ctc_weight, code_noise, self_feed)
 
 
 def noisy_codes(codes: torch.Tensor, share: float, vocab: int = AUDIO_CODES) -> torch.Tensor:
@@ -210,22 +214,51 @@ def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
                       torch.tensor([t.numel() for _, t in pairs]), blank=0, reduction="sum", zero_infinity=True)
 
 
-def backbone_states(model, batch: Batch, code_noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.no_grad()
+def own_codes(model, batch: Batch, h: torch.Tensor, share: float, params) -> torch.Tensor:
+    """The batch's output codes [N, K] as the model would have spoken them: `share` of the
+    frames (drawn at random; never end-of-audio frames) replaced by a frame sampled with `params`
+    from the backbone state before it, as generation does (all K codebooks from the depthformer,
+    each after the sampled ones before it). One step ahead only: the state itself saw true codes.
+    A sampled end-of-audio keeps the true frame, so the layout of the sequence stays the same."""
+    B, L = batch.modality.shape
+    out = batch.modality == MODALITY_AUDIO_OUT
+    _, audio_sel = batch.targets()
+    pred = torch.zeros(B, L, model.cfg.codebooks, dtype=torch.long, device=h.device)
+    pred[out] = batch.audio_out
+    pred[:, 1:][audio_sel] = model.sample_frame(h[:, :-1][audio_sel].to(model.dtype), params)
+    pred = pred[out]
+    true = batch.audio_out
+    keep = (true[:, :1] == END_OF_AUDIO) | (pred[:, :1] == END_OF_AUDIO)
+    keep |= torch.rand(true.shape[0], 1, device=h.device) >= share
+    return torch.where(keep, true, pred)
+
+
+def backbone_states(model, batch: Batch, code_noise: float = 0.0,
+                    codes_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder outputs of a batch's input clips and the backbone states [B, L, D] over its
-    rows, with `code_noise` of the output codes read as input replaced (`noisy_codes`)."""
+    rows, reading `codes_in` (default: the batch's output codes) as the output frames' inputs,
+    with `code_noise` of them replaced by random codes (`noisy_codes`)."""
     B, L = batch.modality.shape
     enc = model.encode_audio(batch.audio_in)
-    codes_in = noisy_codes(batch.audio_out, code_noise) if code_noise else batch.audio_out
+    codes_in = batch.audio_out if codes_in is None else codes_in
+    codes_in = noisy_codes(codes_in, code_noise) if code_noise else codes_in
     x = model.embed_inputs(batch.text, enc, codes_in, batch.modality.reshape(-1)).view(B, L, -1)
     h = packed_backbone(model.lfm, x, batch.position, batch.segment_lengths) if batch.packed else model.lfm(x)
     return enc, h
 
 
-def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0, code_noise: float = 0.0) -> LossSums:
+def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0, code_noise: float = 0.0,
+                  self_feed: float = 0.0) -> LossSums:
     cfg = model.cfg
     B, L = batch.modality.shape
     dev = batch.modality.device
-    enc, h = backbone_states(model, batch, code_noise)
+    codes_in = None
+    if self_feed and batch.audio_out.shape[0]:
+        with torch.no_grad():
+            _, h = backbone_states(model, batch)
+            codes_in = own_codes(model, batch, h, self_feed, CHAT_AUDIO)
+    enc, h = backbone_states(model, batch, code_noise, codes_in)
 
     text_sel, audio_sel = batch.targets()
     prev = h[:, :-1]
@@ -291,13 +324,14 @@ def metrics(text_sum, n_text, audio_sum, n_frames, a=1.0, b=1.0) -> dict:
 class TrainingModel(nn.Module):
     """Wraps the model so one forward call returns the loss sums: what DDP wraps."""
 
-    def __init__(self, model, touch_all: bool = False, ctc_weight: float = 0.0, code_noise: float = 0.0):
+    def __init__(self, model, touch_all: bool = False, ctc_weight: float = 0.0, code_noise: float = 0.0,
+                 self_feed: float = 0.0):
         super().__init__()
         self.model = model
-        self.touch_all, self.ctc_weight, self.code_noise = touch_all, ctc_weight, code_noise
+        self.touch_all, self.ctc_weight, self.code_noise, self.self_feed = touch_all, ctc_weight, code_noise, self_feed
 
     def forward(self, batch: Batch) -> LossSums:
-        return forward_sums(self.model, batch, self.touch_all, self.ctc_weight, self.code_noise)
+        return forward_sums(self.model, batch, self.touch_all, self.ctc_weight, self.code_noise, self.self_feed)
 
 
 # ---- parameters ------------------------------------------------------------------------------

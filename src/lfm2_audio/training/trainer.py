@@ -89,6 +89,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     ctc_weight: float = 0.0  # auxiliary CTC on ASR clips' encoder outputs (training.loss.ctc_sum); from scratch: ~0.3
     code_noise: float = 0.0  # share of output codes read back as input replaced by random ones (loss.forward_sums)
+    self_feed: float = 0.0  # share of output frames read back as the model's own samples (loss.forward_sums)
     # runtime
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (see the module docstring)
     device: str = "auto"
@@ -125,8 +126,9 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive integer")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0:
             raise InputError("need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
-        if not 0 <= self.code_noise < 1:
-            raise InputError(f"code_noise must lie in [0, 1), got {self.code_noise}")
+        for name in ("code_noise", "self_feed"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
 
 
 def load_config_file(path, overrides: list[str] | None = None) -> dict:
@@ -547,7 +549,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device) -> TrainResult:
 
     # Every trainable parameter gets a gradient every step under DDP (unused parts run with
     # weight 0), so DDP needs neither find_unused_parameters nor a static graph.
-    wrapped = TrainingModel(model, touch_all=d.world > 1, ctc_weight=cfg.ctc_weight, code_noise=cfg.code_noise)
+    wrapped = TrainingModel(model, touch_all=d.world > 1, ctc_weight=cfg.ctc_weight, code_noise=cfg.code_noise,
+                            self_feed=cfg.self_feed)
     if d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
             wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)

@@ -156,8 +156,8 @@ class LFM2Audio:
         conv = self.chat(system=SYSTEM_PROMPTS[f"tts-{voice}"])
         # Speech is the whole answer: start it at once rather than hoping the model opens with
         # <|audio_start|> (it does when trained; forcing it costs nothing and never fails).
-        return self.complete(conv, text, mode="sequential", audio_sampling=audio_sampling or self.audio_sampling["tts"],
-                             max_new_tokens=max_new_tokens, seed=seed,
+        return self.complete(conv, text, mode="sequential",
+                             audio_sampling=audio_sampling or self.audio_sampling["tts"], max_new_tokens=max_new_tokens, seed=seed,
                              force_tokens=(self.tokenizer.audio_start_id,))
 
 

@@ -59,8 +59,8 @@ def build_demo(rt: Runtime):
             else:
                 session = await rt.open_session(chat_system_prompt(None, voice or None))
                 params = ReplyParams(mode="interleaved" if audio_out else "sequential", text_sampling=GREEDY,
-                                     audio_sampling=rt.lfm.audio_sampling["chat"], max_new_tokens=rt.config.max_new_tokens,
-                                     stop_at_audio=not audio_out)
+                                     audio_sampling=rt.lfm.audio_sampling["chat"],
+                                     max_new_tokens=rt.config.max_new_tokens, stop_at_audio=not audio_out)
                 stream = _closing(rt.reply(session, history + [("user", contents)], params, audio=audio_out), session)
             answer, whole = [], []
             async for c in stream:

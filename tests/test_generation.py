@@ -190,6 +190,9 @@ def test_a_model_config_can_set_its_own_audio_sampling():
     assert audio_sampling_defaults({}) == {"chat": CHAT_AUDIO, "tts": TTS_AUDIO}
     own = audio_sampling_defaults({"audio_sampling": {"chat": {"temperature": 0}, "tts": {"top_k": 8}}})
     assert own == {"chat": Sampling(0.0, 4), "tts": Sampling(0.8, 8)}  # unnamed fields keep the reference's
+    # flags and request fields override in the same way: only the ones given
+    assert CHAT_AUDIO.overridden() == CHAT_AUDIO and CHAT_AUDIO.overridden(None, 8, 0.9) == Sampling(1.0, 8, 0.9)
+    assert CHAT_AUDIO.overridden(temperature=0.0) == Sampling(0.0, 4)
     for bad in ({"chat": 1}, {"speech": {}}, {"tts": {"temp": 1}}, [1], {"chat": {"top_k": 0}}):
         with pytest.raises(InputError, match="temperature|audio_sampling|top_k"):
             audio_sampling_defaults({"audio_sampling": bad})

@@ -28,9 +28,9 @@ def text_accuracy(model, store, rows, code_noise: float, own: bool = False, batc
     for i in range(0, len(rows), batch_rows):
         b = collate([[store[j] for j in row] for row in rows[i : i + batch_rows]])
         B, L = b.modality.shape
-        _, h = backbone_states(model, b, code_noise)
+        enc, h = backbone_states(model, b, code_noise)
         if own:
-            _, h = backbone_states(model, b, codes_in=own_codes(model, b, h, 1.0, CHAT_AUDIO))
+            _, h = backbone_states(model, b, codes_in=own_codes(model, b, h, 1.0, CHAT_AUDIO), enc=enc)
         text_sel, _ = b.targets()
         ids = torch.zeros(B, L, dtype=torch.long)
         ids[b.modality == MODALITY_TEXT] = b.text

@@ -41,11 +41,7 @@ def _sampling_args(p: argparse.ArgumentParser, task: str) -> None:
 
 def _audio_sampling(args, lfm, task: str):
     """The sampling the flags ask for; a flag not given keeps the model's default for the task."""
-    from .generation.sampling import Sampling
-
-    base = lfm.audio_sampling[task]
-    pick = lambda flag, default: default if flag is None else flag  # noqa: E731
-    return Sampling(pick(args.temperature, base.temperature), pick(args.top_k, base.top_k), pick(args.top_p, base.top_p))
+    return lfm.audio_sampling[task].overridden(args.temperature, args.top_k, args.top_p)
 
 
 def _load(args):

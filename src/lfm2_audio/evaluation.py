@@ -306,11 +306,6 @@ def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, lo
             "audio_seconds": heard, "items": items}
 
 
-def _audio_sampling(sampling) -> dict:
-    """The audio_sampling keyword for speak/respond; none at all leaves each its own default."""
-    return {} if sampling is None else {"audio_sampling": sampling}
-
-
 def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
              max_new_tokens: int = 1024, log=print, sampling=None) -> dict:
     """sampling: the audio sampling (default: what `speak` uses)."""
@@ -325,7 +320,7 @@ def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
         text, voice = rec["meta"]["text"], rec["meta"]["voice_name"]
         t0 = time.perf_counter()
         reply = lfm.speak(text, voice=voice, seed=seed + i, max_new_tokens=max_new_tokens,
-                          **_audio_sampling(sampling))
+                          audio_sampling=sampling)
         busy += time.perf_counter() - t0
         frames += int(reply.frames.shape[0])
         item = {"id": rec["id"], "voice": voice, "text": text, "frames": int(reply.frames.shape[0]),
@@ -413,7 +408,7 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
             t0 = time.perf_counter()
             try:
                 for e in lfm.respond(conv, wave, sample_rate=sr, seed=seed + i * 8 + t, max_new_tokens=max_new_tokens,
-                                     **_audio_sampling(sampling), **forced):
+                                     audio_sampling=sampling, **forced):
                     if e.kind == "text":
                         text.append(e.text)
                     elif e.kind == "audio":
@@ -583,13 +578,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .errors import InputError
-    from .generation.sampling import Sampling
     from .pipeline import LFM2Audio
     from .training.synth import read_records
-
-    def audio_sampling(default: Sampling) -> Sampling:
-        return Sampling(default.temperature if args.audio_temperature is None else args.audio_temperature,
-                        default.top_k if args.audio_top_k is None else args.audio_top_k)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -598,7 +588,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         ensure_test_sets(data, max(args.test_size, args.limit or 0), args.seed)
         lfm = LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, vocoder=args.vocoder)
-        sampling = {"tts": audio_sampling(lfm.audio_sampling["tts"]), "s2s": audio_sampling(lfm.audio_sampling["chat"])}
+        t, k = args.audio_temperature, args.audio_top_k  # flags given override the model's defaults
+        sampling = {"tts": lfm.audio_sampling["tts"].overridden(t, k), "s2s": lfm.audio_sampling["chat"].overridden(t, k)}
     except (InputError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,13 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature <= 0 or self.top_k == 1
 
+    def overridden(self, temperature: float | None = None, top_k: int | None = None,
+                   top_p: float | None = None) -> "Sampling":
+        """This sampling with the fields that are given (not None) replaced: a request's or a
+        flag's settings over a model's defaults."""
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
 
 GREEDY = Sampling()
 # The reference README's audio settings for each task.
@@ -49,9 +57,7 @@ def audio_sampling_defaults(config_extra: dict) -> dict[str, Sampling]:
     for task, fields in given.items():
         if not isinstance(fields, dict) or set(fields) - {"temperature", "top_k", "top_p"}:
             raise InputError(f"config.json audio_sampling.{task} takes temperature, top_k and top_p, got {fields!r}")
-        base = defaults[task]
-        defaults[task] = Sampling(fields.get("temperature", base.temperature), fields.get("top_k", base.top_k),
-                                  fields.get("top_p", base.top_p))
+        defaults[task] = dataclasses.replace(defaults[task], **fields)
     return defaults
 
 

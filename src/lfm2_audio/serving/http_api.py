@@ -428,11 +428,8 @@ def make_router(rt: Runtime) -> APIRouter:
 def sampling_of(body: dict, default: Sampling, temp_key: str, top_k_key: str) -> Sampling:
     t = field(body, temp_key, (int, float))
     k = field(body, top_k_key, int)
-    if t is None and k is None:
-        return default
     try:
-        return Sampling(float(t) if t is not None else default.temperature, k if k is not None else default.top_k,
-                        default.top_p)
+        return default.overridden(float(t) if t is not None else None, k)
     except InputError as e:
         raise ApiError(400, str(e), param=temp_key, code="invalid_value") from None
 

@@ -234,13 +234,14 @@ def own_codes(model, batch: Batch, h: torch.Tensor, share: float, params) -> tor
     return torch.where(keep, true, pred)
 
 
-def backbone_states(model, batch: Batch, code_noise: float = 0.0,
-                    codes_in: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder outputs of a batch's input clips and the backbone states [B, L, D] over its
-    rows, reading `codes_in` (default: the batch's output codes) as the output frames' inputs,
-    with `code_noise` of them replaced by random codes (`noisy_codes`)."""
+def backbone_states(model, batch: Batch, code_noise: float = 0.0, codes_in: torch.Tensor | None = None,
+                    enc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder outputs of a batch's input clips (`enc`, when already computed: they do not
+    depend on the codes) and the backbone states [B, L, D] over its rows, reading `codes_in`
+    (default: the batch's output codes) as the output frames' inputs, with `code_noise` of them
+    replaced by random codes (`noisy_codes`)."""
     B, L = batch.modality.shape
-    enc = model.encode_audio(batch.audio_in)
+    enc = model.encode_audio(batch.audio_in) if enc is None else enc
     codes_in = batch.audio_out if codes_in is None else codes_in
     codes_in = noisy_codes(codes_in, code_noise) if code_noise else codes_in
     x = model.embed_inputs(batch.text, enc, codes_in, batch.modality.reshape(-1)).view(B, L, -1)
@@ -253,12 +254,12 @@ def _forward_sums(model, batch: Batch, touch_all: bool, ctc_weight: float = 0.0,
     cfg = model.cfg
     B, L = batch.modality.shape
     dev = batch.modality.device
-    codes_in = None
+    enc, codes_in = model.encode_audio(batch.audio_in), None
     if self_feed and batch.audio_out.shape[0]:
         with torch.no_grad():
-            _, h = backbone_states(model, batch)
+            _, h = backbone_states(model, batch, enc=enc.detach())
             codes_in = own_codes(model, batch, h, self_feed, CHAT_AUDIO)
-    enc, h = backbone_states(model, batch, code_noise, codes_in)
+    enc, h = backbone_states(model, batch, code_noise, codes_in, enc)
 
     text_sel, audio_sel = batch.targets()
     prev = h[:, :-1]

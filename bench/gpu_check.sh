@@ -9,7 +9,9 @@
 # official-size bench compiled; all (default): both, then the compiled tiny tests and codecs.
 # fused: the fused Triton kernels' CUDA tests, then batch-1 speed with them, uncompiled with
 # and without programmatic dependent launch (LFM2_AUDIO_PDL), then compiled, then each
-# projection kernel against cuBLAS (bench/kernels.py). Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
+# projection kernel against cuBLAS (bench/kernels.py). report: the figures the README's table
+# holds for one card in one lease (~5 min): the CUDA tests, batch 1 with the fused kernels
+# uncompiled and compiled, a stream sweep, and the codecs. Wheels in .whl/ (soundfile, soxr and their needs, which the GPU image lacks)
 # are installed first when present.
 set -u
 OUT=${OUT:-/tmp/gpu_check}
@@ -46,6 +48,18 @@ STAGE=${1:-all}
         step 200 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" \
             --text-tokens 6 --repeats 3 --skip-plain --compile --triton on
         step 90 python3 bench/kernels.py
+        exit 0
+    fi
+    if [ "$STAGE" = report ]; then
+        step 100 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
+            -p no:cacheprovider -k "cuda and not compiled"
+        step 60 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3 --triton on
+        step 200 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3 --skip-plain --compile --triton on
+        step 120 python3 bench/generate.py --device cuda --dtype bf16 --batch "$SWEEP" --frames "$FRAMES" \
+            --text-tokens 6 --repeats 3 --skip-plain
+        step 60 python3 bench/codec.py --device cuda --seconds 5 --frames 20
         exit 0
     fi
     if [ "$STAGE" != compile ]; then

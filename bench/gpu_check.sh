@@ -39,7 +39,7 @@ STAGE=${1:-all}
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     command -v cc gcc || echo "no C compiler"
     if [ "$STAGE" = fused ]; then
-        step 100 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
+        step 150 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
             -p no:cacheprovider -k "cuda and not compiled"
         for pdl in 1 0; do
             step 60 env LFM2_AUDIO_PDL=$pdl python3 bench/generate.py --device cuda --dtype bf16 --batch 1 \
@@ -51,7 +51,7 @@ STAGE=${1:-all}
         exit 0
     fi
     if [ "$STAGE" = report ]; then
-        step 100 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
+        step 150 env TRITON_INTERPRET=0 python3 -m pytest tests/test_fused.py tests/test_cuda_graphs.py -q -x \
             -p no:cacheprovider -k "cuda and not compiled"
         step 60 python3 bench/generate.py --device cuda --dtype bf16 --batch 1 --frames "$FRAMES" \
             --text-tokens 6 --repeats 3 --triton on

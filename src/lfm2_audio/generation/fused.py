@@ -126,8 +126,11 @@ def _linear_kernel(x_ptr, w_ptr, norm_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps
 
 
 # Weight tiles for the autotuner: the best one depends on the matrix (2 to 32 MB here) and card.
+# The wide ones read a program's rows (K <= 4096) in one or two tiles, so in one or two round
+# trips, the first before the PDL wait.
 _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-            for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))]
+            for n, k, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8),
+                            (2, 1024, 4), (4, 1024, 8), (2, 2048, 8), (1, 4096, 8))]
 _linear_tuned = triton.autotune(_CONFIGS, key=["N", "K", "NORM", "GATE"])(_linear_kernel)
 
 

@@ -69,7 +69,7 @@ def _write_audio(reply, out: Path) -> str:
 def cmd_asr(args) -> int:
     lfm = _load(args)
     for f in args.files:
-        text = lfm.transcribe(f, max_new_tokens=args.max_new_tokens)
+        text = lfm.transcribe(f, max_new_tokens=args.max_new_tokens, beam=args.beam, ctc_weight=args.ctc_weight)
         print(text if len(args.files) == 1 else f"{f}\t{text}")
     return 0
 
@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("asr", help="transcribe audio files")
     p.add_argument("files", nargs="+")
+    p.add_argument("--beam", type=int, default=None,
+                   help="beam width (default: the model's own, config.json asr_decoding, else 1: greedy)")
+    p.add_argument("--ctc-weight", type=float, default=None,
+                   help="score the beam with the model's CTC head too, this much (0-1; default: the model's own, "
+                        "else 0; only for models trained with the auxiliary CTC loss, like the demo model)")
     _model_args(p)
     p.set_defaults(func=cmd_asr)
 

@@ -35,7 +35,7 @@ def _round_up(x: int, multiple: int) -> int:
 
 # Keys of this project's own that official configs lack: kept in `extra` (so config.json
 # round-trips and official files stay as they are) without the unknown-key warning.
-OWN_KEYS = {"preprocessor": {"trim_silence"}, "top level": {"audio_sampling"}}
+OWN_KEYS = {"preprocessor": {"trim_silence"}, "top level": {"audio_sampling", "asr_decoding"}}
 
 
 def _split_known(cls, data: dict, where: str, warn: bool = True) -> tuple[dict, dict]:

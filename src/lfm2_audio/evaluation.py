@@ -286,13 +286,15 @@ def _median(xs) -> float | None:
 
 
 def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, log=print,
-             lead_silence: float = 0.0) -> dict:
+             lead_silence: float = 0.0, beam: int | None = None, ctc_weight: float | None = None) -> dict:
+    decoding = lfm.asr_decoding.overridden(beam, ctc_weight)
     refs, hyps, items, busy, heard = [], [], [], 0.0, 0.0
     for i, rec in enumerate(records):
         seg = _segments(rec, "user")[0]
         wave, sr = _read_audio(root, seg, lead_silence=lead_silence)
         t0 = time.perf_counter()
-        hyp = lfm.transcribe(wave, sample_rate=sr, max_new_tokens=max_new_tokens)
+        hyp = lfm.transcribe(wave, sample_rate=sr, max_new_tokens=max_new_tokens, beam=decoding.beam,
+                             ctc_weight=decoding.ctc_weight)
         busy += time.perf_counter() - t0
         heard += len(wave) / sr
         ref = rec["meta"]["text"]
@@ -303,7 +305,7 @@ def eval_asr(lfm, records: list[dict], root: Path, max_new_tokens: int = 256, lo
         if (i + 1) % 50 == 0:
             log(f"  asr {i + 1}/{len(records)}: WER so far {wer(refs, hyps):.3f}")
     return {"n": len(records), "wer": wer(refs, hyps), "real_time_factor": busy / max(heard, 1e-9),
-            "audio_seconds": heard, "items": items}
+            "audio_seconds": heard, "beam": decoding.beam, "ctc_weight": decoding.ctc_weight, "items": items}
 
 
 def eval_tts(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
@@ -496,7 +498,9 @@ def table(report: dict) -> str:
     rows = []
     r = report.get("asr")
     if r:
-        rows += [("ASR", "word error rate", _pct(r["wer"]), r["n"]),
+        how = "greedy" if r.get("beam", 1) == 1 and not r.get("ctc_weight") else \
+            f"beam {r['beam']}" + (f", CTC weight {r['ctc_weight']:g}" if r.get("ctc_weight") else "")
+        rows += [("ASR", f"word error rate ({how})", _pct(r["wer"]), r["n"]),
                  ("ASR", "real-time factor", _num(r["real_time_factor"], "{:.3f}"), "")]
     r = report.get("tts")
     if r:
@@ -553,6 +557,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "audio_sampling, else the reference's 0.8 and 1.0)")
     ap.add_argument("--audio-top-k", type=int, default=None,
                     help="audio sampling top-k for tts and s2s (default: the model's own, else 64 and 4)")
+    ap.add_argument("--beam", type=int, default=None,
+                    help="asr: beam width (default: the model's own, config.json asr_decoding, else 1)")
+    ap.add_argument("--ctc-weight", type=float, default=None,
+                    help="asr: weight of the CTC head's score in the beam (default: the model's own, else 0)")
     ap.add_argument("--reference-speech", action="store_true",
                     help="s2s: speak the reference answer's codes instead of the model's own (text after right speech)")
     ap.add_argument("--vocoder", default=None, choices=VOCODERS,
@@ -611,7 +619,8 @@ def run(args: argparse.Namespace) -> int:
         records = read_records(data / f"test-{task}.jsonl")[: args.limit]
         log(f"{task}: {len(records)} records")
         if task == "asr":
-            report["asr"] = eval_asr(lfm, records, data, log=log, lead_silence=args.lead_silence)
+            report["asr"] = eval_asr(lfm, records, data, log=log, lead_silence=args.lead_silence, beam=args.beam,
+                                     ctc_weight=args.ctc_weight)
         elif task == "tts":
             report["tts"] = eval_tts(lfm, records, data, judge if lfm.codec else None, args.seed,
                                      args.max_new_tokens, log=log, sampling=sampling["tts"])

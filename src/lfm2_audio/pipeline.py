@@ -21,6 +21,7 @@ import torch
 from .audio.io import load_audio
 from .codec import load_codec
 from .errors import InputError
+from .generation.beam import asr_decoding_default, beam_transcript
 from .generation.chat import SYSTEM_PROMPTS, VOICES, Conversation, transcript_token_cap
 from .generation.generate import Event, generate
 from .generation.sampling import GREEDY, Sampling, audio_sampling_defaults
@@ -55,6 +56,7 @@ class LFM2Audio:
         self.model, self.tokenizer, self.codec = model, tokenizer, codec
         # what respond ("chat") and speak ("tts") sample audio with unless told otherwise
         self.audio_sampling = audio_sampling_defaults(model.cfg.extra)
+        self.asr_decoding = asr_decoding_default(model.cfg.extra)  # what transcribe decodes with
 
     @classmethod
     def from_pretrained(cls, path_or_id=None, dtype=None, device="cpu", codec: bool = True, fast: bool = True,
@@ -135,17 +137,27 @@ class LFM2Audio:
 
     # ---- one-shot tasks ---------------------------------------------------------------------
 
-    def transcribe(self, audio, sample_rate: int | None = None, max_new_tokens: int = 512) -> str:
-        """Audio (a path, bytes, file object, or array with sample_rate) -> its transcript."""
+    def transcribe(self, audio, sample_rate: int | None = None, max_new_tokens: int = 512,
+                   beam: int | None = None, ctc_weight: float | None = None) -> str:
+        """Audio (a path, bytes, file object, or array with sample_rate) -> its transcript.
+
+        beam, ctc_weight: beam search, scored jointly with the model's CTC head when ctc_weight
+        > 0 (generation/beam.py); None keeps the model's own setting (`self.asr_decoding`)."""
+        decoding = self.asr_decoding.overridden(beam, ctc_weight)
         if isinstance(audio, str):
             audio = Path(audio)  # a string here is a file name, never text to read
         rate = self.model.cfg.preprocessor.sample_rate
         wave = load_audio(audio, sample_rate, target_rate=rate)
         max_new_tokens = min(max_new_tokens, transcript_token_cap(len(wave) / rate))
         conv = self.chat(system=SYSTEM_PROMPTS["asr"])
-        reply = self.complete(conv, wave, mode="sequential", audio_sampling=GREEDY,
-                              max_new_tokens=max_new_tokens, sample_rate=rate)
-        return reply.text
+        if decoding.greedy:
+            reply = self.complete(conv, wave, mode="sequential", audio_sampling=GREEDY,
+                                  max_new_tokens=max_new_tokens, sample_rate=rate)
+            return reply.text
+        conv.turn("user", wave, sample_rate=rate)
+        conv.new_turn("assistant")
+        ids = beam_transcript(conv, decoding, max_new_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def speak(self, text: str, voice: str = "us-female", audio_sampling: Sampling | None = None,
               max_new_tokens: int = 1024, seed: int | None = None) -> Reply:

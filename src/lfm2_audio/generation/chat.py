@@ -188,13 +188,15 @@ class Conversation:
 
 
 @torch.inference_mode()
-def embed_pending(convs: list[Conversation]) -> list[torch.Tensor]:
+def embed_pending(convs: list[Conversation], encoded: torch.Tensor | None = None) -> list[torch.Tensor]:
     """`pending_embeddings` of several conversations on one model, every queued audio clip
     through the encoder in one batch: when many users end their turns at once, one padded
-    encoder call costs a fraction of one call per clip. Clears each queue."""
+    encoder call costs a fraction of one call per clip. `encoded`: the clips' adapter vectors
+    when the caller has them already. Clears each queue."""
     m = convs[0].model
-    clips = [p.value for c in convs for p in c.pending if p.modality == MODALITY_AUDIO_IN]
-    encoded = m.encode_audio(clips) if clips else None
+    if encoded is None:
+        clips = [p.value for c in convs for p in c.pending if p.modality == MODALITY_AUDIO_IN]
+        encoded = m.encode_audio(clips) if clips else None
     out, offset = [], 0
     for c in convs:
         parts = []

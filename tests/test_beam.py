@@ -103,3 +103,17 @@ def test_decoding_settings_come_from_the_model_config():
         warnings.simplefilter("error")
         cfg = LFM2AudioConfig.from_dict({"asr_decoding": {"beam": 4}})
     assert cfg.to_dict()["asr_decoding"] == {"beam": 4}
+
+
+def test_the_fast_engine_finds_the_same_transcripts(tiny_model, tokenizer):
+    from lfm2_audio.generation.fast import FastLFM2Audio
+
+    fast = LFM2Audio(FastLFM2Audio(tiny_model, exact=True), tokenizer)
+    plain = LFM2Audio(tiny_model, tokenizer)
+    for decoding in (AsrDecoding(beam=4), AsrDecoding(beam=3, ctc_weight=0.5)):
+        got = []
+        for lfm in (plain, fast):
+            conv = _asr_conversation(lfm)
+            conv.new_turn("assistant")
+            got.append(beam_transcript(conv, decoding, max_new_tokens=10))
+        assert got[0] == got[1]

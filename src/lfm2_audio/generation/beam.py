@@ -143,7 +143,7 @@ def beam_transcript(conv: Conversation, decoding: AsrDecoding, max_new_tokens: i
                          f"of {conv.max_context}")
 
     # The prompt runs once, in a one-row cache; its state is then copied into every beam row.
-    one = model.lfm.new_cache(1, P + max_new_tokens + 1)
+    one = model.lfm.new_cache(1, P)
     h = model.lfm(prompt[None], one)[:, -1]
     cache = model.lfm.new_cache(B, P + max_new_tokens + 1)
     for dst, src in zip(cache.conv, one.conv):
@@ -175,7 +175,7 @@ def beam_transcript(conv: Conversation, decoding: AsrDecoding, max_new_tokens: i
         else:
             score = lm_next
         score[lm_next <= NEG_INF / 2] = NEG_INF  # dead rows stay dead, whatever the weight
-        rows, cols, keep = [], [], []
+        live = []  # (row, column, score) of the best extensions that go on, best first
         for flat in score.flatten().argsort(descending=True).tolist():
             r, c = divmod(flat, C + 1)
             s = float(score[r, c])
@@ -183,21 +183,20 @@ def beam_transcript(conv: Conversation, decoding: AsrDecoding, max_new_tokens: i
                 break
             if int(tokens[r, c]) == end_id:
                 finished.append((s, ids[r]))
+            elif len(live) < B:
+                live.append((r, c, s))
             else:
-                rows.append(r), cols.append(c), keep.append(s)
-                if len(rows) == B:
-                    break
+                break
         # Scores only fall as a transcript grows (every factor is a probability), so once the
         # best finished one beats every live one, nothing can overtake it.
-        if not rows or (finished and max(f[0] for f in finished) >= keep[0]):
+        if not live or (finished and max(f[0] for f in finished) >= live[0][2]):
             break
-        while len(rows) < B:  # fewer live hypotheses than rows: pad with a dead copy
-            rows.append(rows[0]), cols.append(cols[0]), keep.append(NEG_INF)
-        r, c = torch.tensor(rows), torch.tensor(cols)
+        live += [(live[0][0], live[0][1], NEG_INF)] * (B - len(live))  # spare rows: dead copies
+        r, c = torch.tensor([x[0] for x in live]), torch.tensor([x[1] for x in live])
         chosen = tokens[r, c]
-        ids = [ids[i] + [int(t)] for i, t in zip(rows, chosen)]
+        ids = [ids[x[0]] + [int(t)] for x, t in zip(live, chosen)]
         lm = lm_next[r, c]
-        lm[torch.tensor(keep) <= NEG_INF / 2] = NEG_INF
+        lm[torch.tensor([x[2] for x in live]) <= NEG_INF / 2] = NEG_INF
         last = chosen
         if scorer:
             ctc, n, b = ctc_next[r, c], n_next[:, r, c], b_next[:, r, c]

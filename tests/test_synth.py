@@ -423,7 +423,11 @@ def test_asr_evaluation_can_put_silence_before_each_clip(tmp_path):
     heard = []
 
     class Model:
-        def transcribe(self, wave, sample_rate, max_new_tokens):
+        from lfm2_audio.generation.beam import AsrDecoding
+
+        asr_decoding = AsrDecoding()
+
+        def transcribe(self, wave, sample_rate, max_new_tokens, beam, ctc_weight):
             heard.append(wave)
             return "one"
 

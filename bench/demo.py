@@ -16,6 +16,7 @@ One JSON line:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--question-seconds", type=float, default=4.0)
     ap.add_argument("--engine", default="fast", choices=["fast", "plain"])
     ap.add_argument("--vocoder", default=None, choices=VOCODERS, help="the demo codec's vocoder")
+    ap.add_argument("--min-frames", type=int, default=None,
+                    help="the demo codec's stream: vocode once this many frames wait (default: the codec's, 2)")
     args = ap.parse_args(argv)
 
     import torch
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
     lfm = LFM2Audio.from_pretrained(args.model, fast=args.engine == "fast", threads=args.threads, vocoder=args.vocoder)
     out = {"model": args.model or "demo", "threads": args.threads, "engine": args.engine,
            "load_s": round(time.perf_counter() - t0, 2)}
+    if args.min_frames is not None:
+        lfm.codec.stream = functools.partial(lfm.codec.stream, min_frames=args.min_frames)
+        out["min_frames"] = args.min_frames
 
     sentence, rate = sf.read(str(EXAMPLES / "sentence.wav"), dtype="float32")
     times = []

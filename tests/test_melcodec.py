@@ -120,6 +120,41 @@ def test_stream_equals_decode(codec, chunks):
         assert (out - whole).abs().max() < 1e-4
 
 
+def test_stream_vocodes_two_frames_at_a_time(codec, monkeypatch):
+    # the vocoder's per-call cost is large against one frame's work: every frame is vocoded at
+    # once until audio comes out (it lags by the look-ahead), then frames go in pairs
+    codes = torch.randint(0, 16, (1, 8, 8), generator=torch.Generator().manual_seed(5))
+    whole = codec.decode(codes)
+    for min_frames in (2, 1):
+        s = codec.stream(1, min_frames=min_frames)
+        vocoder_push, pushes = type(s.vocoder).push, []
+        monkeypatch.setattr(type(s.vocoder), "push", lambda self, mel: pushes.append(mel.shape[-1]) or vocoder_push(self, mel))
+        parts, before, first = [], 0, None
+        for t in range(8):
+            emitted = s.emitted
+            parts.append(s.decode(codes[:, :, t : t + 1]))
+            vocoded = len(pushes) - before
+            before = len(pushes)
+            assert vocoded == (1 if min_frames == 1 or not emitted else (t - first + 1) % 2)
+            if parts[-1].shape[1] and not emitted:
+                first = t  # pairs from here on: frames first+1 and first+2, ...
+        parts.append(s.flush())  # a frame still waiting is vocoded then
+        out = torch.cat(parts, dim=1)
+        assert out.shape == whole.shape and (out - whole).abs().max() < 1e-4
+        monkeypatch.undo()
+    assert 0 < first < 6
+    s = codec.stream(1)
+    s.emitted = True
+    s.decode(codes[:, :, :1])
+    assert len(s.waiting) == 1
+    ended = codes[:, :, :1].clone()
+    ended[0, 0, 0] = END_OF_AUDIO
+    s.decode(ended)  # the end of the audio: nothing more will come to wait for
+    assert s.waiting == [] and s.frames == 1
+    with pytest.raises(InputError, match="min_frames"):
+        codec.stream(1, min_frames=0)
+
+
 def test_long_decode_in_pieces(codec, monkeypatch):
     import lfm2_audio.codec.melcodec as M
 

@@ -13,7 +13,7 @@ auxiliary CTC loss (`training/loss.ctc_sum`) trains. CTC cannot add words the au
 a stretch of it, the two ways the language model alone goes wrong. Only a model trained with
 that loss has such a head; the official checkpoints were not, and they transcribe greedily
 unless told otherwise (`config.json` "asr_decoding", a key of this project's own, sets a model's
-defaults: the demo model's are beam 4, ctc_weight 0.3).
+defaults: the demo model's are beam 3, ctc_weight 0.3).
 """
 
 from __future__ import annotations

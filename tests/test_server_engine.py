@@ -491,3 +491,68 @@ def test_encoder_failure_ends_the_batch_and_breaks_only_those_conversations(engi
     assert ok.wait()[-1].kind == "end" and not any(e.kind == "error" for e in ok.events)
     for s in broken + [fresh]:
         s.close()
+
+
+def _searched_reference(model, tok, feats, decoding, max_new_tokens):
+    from lfm2_audio.generation.beam import beam_transcript
+
+    conv = Conversation(model, tok, system=SYSTEM_PROMPTS["asr"], max_context=1024)
+    conv.new_turn("user")
+    conv.add_features(feats)
+    conv.end_turn()
+    conv.new_turn("assistant")
+    return tok.decode(beam_transcript(conv, decoding, max_new_tokens), skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("process", [False, True])
+def test_searched_transcripts_come_whole_beside_other_replies(tiny_model, tokenizer, process):
+    """A beam-searched transcript runs a step at a time between the batched steps of the others:
+    its text is beam_transcript's, and the reply beside it is generate()'s."""
+    from lfm2_audio.generation.beam import AsrDecoding
+    from lfm2_audio.serving.engine_process import EngineProcess
+
+    decoding = AsrDecoding(beam=3, ctc_weight=0.5)
+    clip, chat_clip = features(tiny_model, 0.7, 260), features(tiny_model, 0.5, 330)
+    want_text = _searched_reference(tiny_model, tokenizer, clip, decoding, 12)
+    chat = ReplyParams(max_new_tokens=40)
+    want_chat = summary(reference(tiny_model, tokenizer, [chat_clip], chat)[1][0])
+    make = (lambda: EngineProcess(tiny_model, tokenizer, max_sessions=3, max_context=1024, threads=1).start()) if process \
+        else (lambda: Engine(tiny_model, tokenizer, max_sessions=3, max_context=1024).start())
+    engine = make()
+    try:
+        asr = engine.open_session(system=SYSTEM_PROMPTS["asr"], max_context=1024)
+        other = engine.open_session(system=SYSTEM_PROMPTS["chat"], max_context=1024)
+        a, b = Collector(), Collector()
+        asr.submit([("user", [Features(clip)])], ReplyParams(mode="sequential", max_new_tokens=12,
+                                                           asr_decoding=decoding), a)
+        other.submit([("user", [Features(chat_clip)])], chat, b)
+        got = a.wait()
+        assert [e.kind for e in got] == ["text", "end"] and got[0].text == want_text and want_text
+        assert got[-1].reason == "end_of_turn"
+        assert summary(b.wait()) == want_chat
+        # its cache row never saw the turn: the session takes no more
+        c = Collector()
+        asr.submit([("user", ["again"])], ReplyParams(max_new_tokens=4), c)
+        assert c.wait()[-1].reason == "error"
+        # cancelled mid-search, the end says so at once
+        asr2 = engine.open_session(system=SYSTEM_PROMPTS["asr"], max_context=1024)
+        d = Collector()
+        req = asr2.submit([("user", [Features(features(tiny_model, 3.0, 200))])],
+                          ReplyParams(mode="sequential", max_new_tokens=200, asr_decoding=AsrDecoding(beam=8)), d)
+        time.sleep(0.05)
+        req.cancel()
+        assert d.wait(5)[-1].reason in ("cancelled", "end_of_turn", "max_new_tokens")
+        for s in (asr, other, asr2):
+            s.close()
+    finally:
+        engine.stop()
+
+
+def test_reply_params_take_only_decoding_settings():
+    from lfm2_audio.errors import InputError
+    from lfm2_audio.generation.beam import AsrDecoding
+
+    assert not ReplyParams().searched and not ReplyParams(asr_decoding=AsrDecoding()).searched
+    assert ReplyParams(asr_decoding=AsrDecoding(beam=2)).searched
+    with pytest.raises(InputError, match="asr_decoding"):
+        ReplyParams(asr_decoding={"beam": 2})

@@ -269,3 +269,20 @@ def test_transcription_is_capped_by_the_audio_length(server, client, monkeypatch
     with open(QUESTION, "rb") as f:
         assert client.post("/v1/audio/transcriptions", files={"file": ("q.wav", f)}).status_code == 200
     assert seen == [33]
+
+
+def test_transcription_decodes_as_the_model_says(server, client, monkeypatch):
+    # a model whose config.json asks for a beam scored by its CTC head gets it from the server
+    # too: the transcript is LFM2Audio.transcribe's
+    from lfm2_audio.generation.beam import AsrDecoding
+    from lfm2_audio.pipeline import LFM2Audio
+
+    rt = server.runtime
+    decoding = AsrDecoding(beam=3, ctc_weight=0.5)
+    monkeypatch.setattr(rt.lfm, "asr_decoding", decoding, raising=False)
+    with open(QUESTION, "rb") as f:
+        r = client.post("/v1/audio/transcriptions", files={"file": ("q.wav", f)}, data={"response_format": "json"})
+    assert r.status_code == 200
+    lfm = LFM2Audio(rt.lfm.model.model if hasattr(rt.lfm.model, "model") else rt.lfm.model, rt.lfm.tokenizer)
+    lfm.asr_decoding = decoding
+    assert r.json()["text"] == lfm.transcribe(QUESTION, max_new_tokens=rt.config.max_transcript_tokens)

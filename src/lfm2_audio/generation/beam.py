@@ -120,11 +120,22 @@ def _copy_rows(cache, rows: torch.Tensor) -> None:
     cache.lengths.copy_(cache.lengths[rows])
 
 
-@torch.inference_mode()
 def beam_transcript(conv: Conversation, decoding: AsrDecoding, max_new_tokens: int) -> list[int]:
     """The best reply's text token ids (without <|im_end|>) for what `conv` has queued: a prompt
     ending in the assistant's turn opening, whose last audio clip is the one to transcribe. The
     queue is consumed; the reply is not added to the conversation."""
+    search = beam_search(conv, decoding, max_new_tokens)
+    while True:
+        try:
+            next(search)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.inference_mode()  # on a generator: entered for each step, left at each yield
+def beam_search(conv: Conversation, decoding: AsrDecoding, max_new_tokens: int):
+    """`beam_transcript` as a generator that yields after each backbone call and returns the
+    ids: a serving engine runs one step of it between its batched steps for everyone else."""
     if not conv.pending:
         raise InputError("nothing to transcribe: add a user turn first")
     model, tok = conv.model, conv.tokenizer
@@ -145,6 +156,7 @@ def beam_transcript(conv: Conversation, decoding: AsrDecoding, max_new_tokens: i
     # The prompt runs once, in a one-row cache; its state is then copied into every beam row.
     one = model.lfm.new_cache(1, P)
     h = model.lfm(prompt[None], one)[:, -1]
+    yield
     cache = model.lfm.new_cache(B, P + max_new_tokens + 1)
     for dst, src in zip(cache.conv, one.conv):
         dst.copy_(src.expand_as(dst))
@@ -202,6 +214,7 @@ def beam_transcript(conv: Conversation, decoding: AsrDecoding, max_new_tokens: i
             ctc, n, b = ctc_next[r, c], n_next[:, r, c], b_next[:, r, c]
         _copy_rows(cache, r.to(cache.lengths.device))
         h = model.lfm(model.lfm.embed_tokens(chosen.to(model.device))[:, None], cache)[:, -1]
+        yield
     if not finished:  # out of tokens: the best unfinished transcript
         best = max(range(B), key=lambda i: float((1 - w) * lm[i] + w * ctc[i]))
         return ids[best]

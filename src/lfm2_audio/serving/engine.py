@@ -44,6 +44,7 @@ from ..audio.features import user_features
 from ..audio.io import load_audio
 from ..config import MODALITY_AUDIO_OUT
 from ..errors import InputError
+from ..generation.beam import beam_search
 from ..generation.chat import Conversation, embed_pending
 from ..generation.generate import Event
 from ..generation.sampling import Sampling, sample
@@ -107,6 +108,7 @@ class Request:
         self.done = False
         self.reason: str | None = None
         self.reply: ReplyMachine | None = None
+        self.search = None  # a searched transcript's generator (generation/beam.py)
         self.prompt_positions = 0  # positions this request's prefill ran
 
     def cancel(self) -> None:
@@ -123,7 +125,7 @@ class Session:
         self.id = next(self._ids)
         self.engine, self.conv = engine, conv
         self.row: int | None = None
-        self.state = "opening"  # opening | idle | prefill | decode | closed
+        self.state = "opening"  # opening | idle | prefill | decode | search | closed
         self.active: Request | None = None
         self.waiting: deque[Request] = deque()
         self.prefill_emb: torch.Tensor | None = None
@@ -185,6 +187,7 @@ class Engine:
         self.rows: list[Session | None] = [None] * self.max_sessions
         self.n_decode = 0
         self.prefill_queue: deque[Session] = deque()
+        self.searches: list[Session] = []  # sessions whose reply is a beam-searched transcript
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -291,6 +294,9 @@ class Engine:
                 if self.n_decode:
                     self._decode_step()
                     worked = True
+                if self.searches:
+                    self._search_step()
+                    worked = True
                 self.stats.decoding, self.stats.prefilling = self.n_decode, len(self.prefill_queue)
                 if not worked:
                     self._wake.wait(0.5)
@@ -349,6 +355,10 @@ class Engine:
             self._leave_decode(s)
             self._emit_end(req, events, cancelled=True)
             self._reply_finished(s)
+        elif s.state == "search":
+            self._end_search(s)
+            self._emit_end(req, [Event("end", reason="cancelled")], cancelled=True)
+            self._reply_finished(s)
 
     def _cmd_close(self, s: Session) -> None:
         if s.state == "opening":  # never placed: _cmd_open will see `closed`
@@ -360,6 +370,8 @@ class Engine:
             self._leave_decode(s)
         if s.state == "prefill" and s in self.prefill_queue:
             self.prefill_queue.remove(s)
+        if s.state == "search":
+            self._end_search(s)
         for req in reqs:
             if not req.done:
                 self._emit_end(req, [Event("end", reason="cancelled")], cancelled=True)
@@ -389,6 +401,12 @@ class Engine:
                         else:
                             conv.add_audio(c)
                     conv.end_turn()
+                if req.params.searched:
+                    conv.new_turn("assistant")
+                    req.search = beam_search(conv, req.params.asr_decoding, req.params.max_new_tokens)
+                    s.active, s.state = req, "search"
+                    self.searches.append(s)
+                    continue
                 reply = ReplyMachine(conv, req.params)
                 reply.open_turn()
             except InputError as e:
@@ -406,6 +424,37 @@ class Engine:
             req.reply, req.prompt_positions = reply, sum(p.positions for p in conv.pending)
             s.active, s.prefill_emb, s.state = req, None, "prefill"
             self.prefill_queue.append(s)
+
+    # ---- searched transcripts ---------------------------------------------------------------
+
+    def _search_step(self) -> None:
+        """One backbone call of each beam search in flight (its own rows, not the slot cache),
+        so a transcript never holds the others' audio up for longer than that."""
+        for s in list(self.searches):
+            req = s.active
+            try:
+                next(req.search)
+                continue
+            except StopIteration as done:
+                ids = done.value
+                self._end_search(s)
+                self.stats.tokens += len(ids)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                self._emit_end(req, ([Event("text", text=text)] if text else []) + [Event("end", reason="end_of_turn")])
+            except InputError as e:
+                self._end_search(s)
+                self._fail(req, str(e), code="invalid_request")
+            except Exception as e:  # internal failure: report, keep serving
+                log.exception("transcript search failed")
+                self._end_search(s)
+                self._fail_internal(s, req, e)
+            self._reply_finished(s)
+
+    def _end_search(self, s: Session) -> None:
+        self.searches.remove(s)
+        s.active.search.close()
+        # The search ran the turn in rows of its own: the session's cache row lacks it.
+        s.broken = s.broken or "a session that answered with a searched transcript takes no more turns"
 
     def _embed_new(self) -> None:
         """Embed the prompts of the sessions that joined the prefill queue since the last call,

@@ -19,6 +19,7 @@ import torch
 
 from ..config import END_OF_AUDIO, MODALITY_AUDIO_OUT, MODALITY_TEXT
 from ..errors import InputError
+from ..generation.beam import AsrDecoding
 from ..generation.chat import Conversation
 from ..generation.generate import Event, _special_ids
 from ..generation.sampling import GREEDY, Sampling
@@ -37,6 +38,9 @@ class ReplyParams:
     seed: int | None = None
     force_tokens: tuple[int, ...] = ()
     stop_at_audio: bool = False
+    # A transcript by beam search (generation/beam.py) instead of a reply step by step: it comes
+    # whole, as one text event, when the search ends. None, or greedy settings: step by step.
+    asr_decoding: AsrDecoding | None = None
 
     def __post_init__(self):
         if self.mode not in ("interleaved", "sequential"):
@@ -45,6 +49,13 @@ class ReplyParams:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.text_sampling, Sampling) or not isinstance(self.audio_sampling, Sampling):
             raise InputError("text_sampling and audio_sampling must be Sampling instances")
+        if self.asr_decoding is not None and not isinstance(self.asr_decoding, AsrDecoding):
+            raise InputError("asr_decoding must be an AsrDecoding instance")
+
+    @property
+    def searched(self) -> bool:
+        """Whether the reply is a beam-searched transcript rather than generated step by step."""
+        return self.asr_decoding is not None and not self.asr_decoding.greedy
 
 
 class ReplyMachine:

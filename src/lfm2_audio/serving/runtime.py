@@ -488,9 +488,10 @@ class Runtime:
         max_new_tokens = min(max_new_tokens or self.config.max_transcript_tokens, transcript_token_cap(seconds))
         session = await self.open_session(SYSTEM_PROMPTS["asr"])
         try:
+            # the model's own decoding (config.json asr_decoding): a beam search comes whole at its end
             params = ReplyParams(mode="sequential", text_sampling=GREEDY, audio_sampling=GREEDY,
-                                 max_new_tokens=max_new_tokens,
-                                 stop_at_audio=True)
+                                 max_new_tokens=max_new_tokens, stop_at_audio=True,
+                                 asr_decoding=getattr(self.lfm, "asr_decoding", None))
             async for chunk in self.reply(session, [("user", [features])], params, audio=False, t0=t0):
                 yield chunk
         finally:

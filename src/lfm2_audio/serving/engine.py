@@ -11,7 +11,10 @@ session. Each iteration it
   3. takes one decode step for every session that is replying: one batched text-head pass
      for the rows in text mode, batched depthformer frames for the rows in audio mode (rows
      grouped by sampling settings; a row with its own seed samples alone so its random draws
-     are its own), then one batched backbone step over the packed block of decoding rows.
+     are its own), then one batched backbone step over the packed block of decoding rows,
+  4. advances each beam-searched transcript (ReplyParams.asr_decoding; generation/beam.py) by
+     one backbone call over rows of its own: its first call encodes the clip and runs the
+     whole prompt, each later one extends every hypothesis by a token.
 Each reply's switching rules and bookkeeping are `ReplyMachine`'s (generate()'s loop), so a
 session produces what `generate` would on the same conversation.
 

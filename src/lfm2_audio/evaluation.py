@@ -381,6 +381,14 @@ def _pitch_summary(f0: dict) -> dict:
     return out
 
 
+def require_encoding_codec(lfm) -> None:
+    """--reference-speech encodes the reference answers with the model's codec."""
+    from .errors import InputError
+
+    if lfm.codec is None or not lfm.codec.can_encode:
+        raise InputError("reference speech needs a model whose codec can encode")
+
+
 def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: int = 0,
              max_new_tokens: int = 1024, log=print, lead_silence: float = 0.0, sampling=None,
              reference_speech: bool = False) -> dict:
@@ -392,8 +400,8 @@ def eval_s2s(lfm, records: list[dict], root: Path, judge: Judge | None, seed: in
 
     from .errors import InputError
 
-    if reference_speech and not (lfm.codec is not None and lfm.codec.can_encode):
-        raise InputError("reference speech needs a codec that can encode")
+    if reference_speech:
+        require_encoding_codec(lfm)
 
     turns, first_audio, first_frame, frames, busy = [], [], [], 0, 0.0
     for i, rec in enumerate(records):
@@ -598,11 +606,10 @@ def run(args: argparse.Namespace) -> int:
         lfm = LFM2Audio.from_pretrained(args.model, dtype=args.dtype, device=args.device, vocoder=args.vocoder)
         t, k = args.audio_temperature, args.audio_top_k  # flags given override the model's defaults
         sampling = {"tts": lfm.audio_sampling["tts"].overridden(t, k), "s2s": lfm.audio_sampling["chat"].overridden(t, k)}
+        if args.reference_speech and "s2s" in tasks:
+            require_encoding_codec(lfm)  # before any task runs, not after the others
     except (InputError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.reference_speech and "s2s" in tasks and not (lfm.codec is not None and lfm.codec.can_encode):
-        print("error: --reference-speech needs a model whose codec can encode", file=sys.stderr)
         return 2
     judge = None
     if not args.no_judge and ("tts" in tasks or "s2s" in tasks):

@@ -64,10 +64,9 @@ def asr_decoding_default(config_extra: dict) -> AsrDecoding:
 
 
 def ctc_log_probs(model, encoded: torch.Tensor) -> torch.Tensor:
-    """Adapter vectors [T, D] -> CTC log-probabilities [T, vocab] (fp32), through the plain model
-    (the fast engine wraps it as `.model`)."""
-    plain = getattr(model, "model", model)
-    return plain.text_logits(plain.lfm.embedding_norm(encoded.to(plain.dtype))).float().log_softmax(-1)
+    """Adapter vectors [..., D] -> CTC log-probabilities [..., vocab] (fp32): the text head read
+    through the final norm, the head the trainer's auxiliary loss trains (`loss.ctc_sum`)."""
+    return model.text_logits(model.lfm.embedding_norm(encoded)).float().log_softmax(-1)
 
 
 class CTCPrefixScorer:
@@ -146,7 +145,8 @@ def beam_search(conv: Conversation, decoding: AsrDecoding, max_new_tokens: int):
     if decoding.ctc_weight > 0:
         if not clips:
             raise InputError("ctc_weight needs an audio clip to score the transcript against")
-        scorer = CTCPrefixScorer(ctc_log_probs(model, encoded[-clips[-1].positions:]), end_id)
+        plain = getattr(model, "model", model)  # the fast engine wraps the plain model as `.model`
+        scorer = CTCPrefixScorer(ctc_log_probs(plain, encoded[-clips[-1].positions:].to(plain.dtype)), end_id)
     prompt = embed_pending([conv], encoded)[0]
     P = prompt.shape[0]
     if P + max_new_tokens > conv.max_context:
@@ -158,12 +158,7 @@ def beam_search(conv: Conversation, decoding: AsrDecoding, max_new_tokens: int):
     h = model.lfm(prompt[None], one)[:, -1]
     yield
     cache = model.lfm.new_cache(B, P + max_new_tokens + 1)
-    for dst, src in zip(cache.conv, one.conv):
-        dst.copy_(src.expand_as(dst))
-    for dst, src in zip(cache.keys + cache.values, one.keys + one.values):
-        dst[:, :, :P] = src[:, :, :P]
-    cache.lengths.fill_(P)
-    cache.max_len = P
+    cache.load(one)
     h = h.expand(B, -1)
 
     w = decoding.ctc_weight

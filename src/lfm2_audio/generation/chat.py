@@ -175,12 +175,7 @@ class Conversation:
         capacity = min(capacity, self.max_context)
         fresh = self.model.lfm.new_cache(1, capacity)
         if self.cache is not None:  # grow geometrically: rare, amortised copies
-            for new, old in zip(fresh.keys + fresh.values, self.cache.keys + self.cache.values):
-                new[:, :, :used] = old[:, :, :used]
-            for new, old in zip(fresh.conv, self.cache.conv):
-                new.copy_(old)
-            fresh.lengths.copy_(self.cache.lengths)
-            fresh.max_len = used
+            fresh.load(self.cache)
         self.cache = fresh
 
     def transcript(self) -> str:

@@ -64,6 +64,17 @@ class Lfm2Cache:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 1 << 62
 
+    def load(self, other: "Lfm2Cache") -> None:
+        """Take `other`'s state into this cache's own buffers (a one-row `other` fills every row):
+        a larger cache grown from a smaller one, or beam rows started from one prompt."""
+        used = other.max_len
+        for dst, src in zip(self.keys + self.values, other.keys + other.values):
+            dst[:, :, :used] = src[:, :, :used]
+        for dst, src in zip(self.conv, other.conv):
+            dst.copy_(src)
+        self.lengths.copy_(other.lengths)
+        self.max_len = used
+
     def reset(self, rows=None) -> None:
         """Forget rows (all by default) so their slots can start a new sequence."""
         rows = slice(None) if rows is None else rows

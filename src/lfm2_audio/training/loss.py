@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import AUDIO_CODES, END_OF_AUDIO, MODALITY_AUDIO_OUT, LFM2AudioConfig
 from ..errors import InputError
+from ..generation.beam import ctc_log_probs
 from ..generation.sampling import CHAT_AUDIO
 from ..model.conformer import subsampled_length
 from ..model.lfm2 import Lfm2Model, apply_rope_half, rope_cos_sin, rope_inv_freq
@@ -208,7 +209,7 @@ def ctc_sum(model, enc: torch.Tensor, batch: Batch) -> torch.Tensor:
     if not pairs:
         return enc.new_zeros((), dtype=torch.float32)
     h = nn.utils.rnn.pad_sequence([p for p, _ in pairs])  # [T, N, D]
-    log_probs = model.text_logits(model.lfm.embedding_norm(h)).float().log_softmax(-1)
+    log_probs = ctc_log_probs(model, h)
     targets = torch.cat([t for _, t in pairs])
     return F.ctc_loss(log_probs, targets, torch.tensor([p.shape[0] for p, _ in pairs]),
                       torch.tensor([t.numel() for _, t in pairs]), blank=0, reduction="sum", zero_infinity=True)

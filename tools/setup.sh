@@ -10,8 +10,9 @@ fi
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 # espeak-ng and wordnet-base make real speech for the codec and data tests, chromium drives the web page's
-# end-to-end test; tests that need them skip without them.
+# end-to-end test, a C compiler builds the CPU decode kernels; tests that need them skip without them.
 missing=()
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 [[ -d /usr/share/wordnet ]] || missing+=(wordnet-base)

@@ -16,8 +16,9 @@ weight bytes over memory bandwidth plus per-op overhead. What the engine does ab
   each (fewer, larger GEMVs), every per-head norm weight is laid out for q and k together, and
   the depthformer's per-codebook embedding, norm and logit weights are held in plain lists.
   On CPU the float matrices are prepacked into oneDNN's blocked layout, which makes the GEMV
-  about 1.3-1.5x faster (in bf16 with bit-identical results to `F.linear`). Int8 weights
-  (model/quantize.py) go to the int8 kernels instead.
+  about 1.3-1.5x faster (in bf16 with bit-identical results to `F.linear`). Where oneDNN
+  cannot prepack bf16 (no bf16 arithmetic), one to four rows go to the hand-written AVX2 GEMV
+  of model/gemv_cpu.py instead, and so do int8 weights (model/quantize.py) on any AVX2 CPU.
 * The backbone's RoPE cos/sin come from a table built once (no inv_freq / cos / sin per step);
   rows that all have the same length attend without a mask.
 * The 8 codebook steps of a frame are one routine over a preallocated depth KV cache (8 slots)
@@ -58,6 +59,7 @@ from torch import nn
 from ..config import DEPTH_HEADS, DEPTH_KV_HEADS, DEPTH_ROPE_THETA, END_OF_AUDIO
 from ..model.lfm2 import rope_inv_freq
 from ..model.lfm2_audio import run_encoder
+from ..model import gemv_cpu
 from ..model.quantize import (HALF, Int4Linear, Int8Linear, converted_linear, int4_linear, int8_dynamic_linear, int8_linear,
                               matmul_dtype, native_half, use_int8_gemv)
 from .sampling import GREEDY, Sampling, sample
@@ -113,6 +115,7 @@ class FusedLinear:
             raise ValueError(f"cannot fuse linears of different kinds: {kinds}")
         self.quantized = kinds.pop()  # None, "int8" or "int4"
         self._packed = None
+        self._gemv = False
         if self.quantized == "int4":
             self.weight = _concat_into(modules, "weight")  # the kernel's packed rows
             self.sz = torch.cat([m.scales_and_zeros for m in modules], dim=1)
@@ -125,10 +128,15 @@ class FusedLinear:
             self.scales = torch.cat([m.scales for m in modules])
             self.bytes = self.weight.numel() + self.scales.numel() * self.scales.element_size()
             self._gemv_scales = {}  # scales in each activation dtype the int8 GEMV kernel sees
+            self._scales32 = self.scales.float()  # for gemv_cpu's int8 kernel
             self._scales127 = self.scales.float() / 127.0  # for the dynamic (int8 x int8) kernel
             return
         self.weight = _concat_into(modules, "weight", rewrite=not prepack)
         self.bytes = self.weight.numel() * self.weight.element_size()
+        # One-row bf16 products where oneDNN cannot prepack go to gemv_cpu (decoding's bulk).
+        self._gemv = (not prepack and not exact and self.weight.dtype == torch.bfloat16
+                      and self.weight.device.type == "cpu" and self.weight.is_contiguous()
+                      and (self.bias is None or self.bias.dtype == torch.bfloat16))
         if prepack:
             # batch_size=1: the layout for GEMV; other row counts (prefill) still work.
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
@@ -146,6 +154,8 @@ class FusedLinear:
         if self.quantized:
             if self.dynamic:
                 return int8_dynamic_linear(x, self.weight, self._scales127, self.bias)
+            if gemv_cpu.usable(x) and (self.bias is None or self.bias.dtype == x.dtype):
+                return gemv_cpu.int8_linear(x.contiguous(), self.weight, self._scales32, self.bias)
             if use_int8_gemv(x):
                 scales = self._gemv_scales.get(x.dtype)
                 if scales is None:
@@ -153,6 +163,8 @@ class FusedLinear:
                 y = torch.ops.aten._weight_int8pack_mm(x, self.weight, scales)
                 return y if self.bias is None else y + self.bias
             return int8_linear(x, self.weight, self.scales, self.bias)
+        if self._gemv and gemv_cpu.usable(x):
+            return gemv_cpu.bf16_linear(x.contiguous(), self.weight, self.bias)
         if not self.exact and matmul_dtype(x) != x.dtype:
             return converted_linear(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,140 @@
+"""The hand-written CPU decode kernels (model/gemv_cpu.c) against torch, and their use by the
+fast engine and the int8 modules."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from lfm2_audio.generation.fast import FastLFM2Audio
+from lfm2_audio.model import gemv_cpu
+from lfm2_audio.model.lfm2_audio import random_model
+from lfm2_audio.model.quantize import dequantize_int8, quantize_int8, quantize_model
+
+pytestmark = pytest.mark.skipif(gemv_cpu.library() is None,
+                                reason="the CPU kernels need an x86 CPU with AVX2 and a C compiler")
+
+# (rows out, columns in): whole 64-column steps, column tails, row counts that do not split evenly
+SHAPES = [(1, 8), (5, 7), (33, 100), (256, 256), (130, 1091), (2049, 1024)]
+BF16_ULP = 2.0 ** -8  # relative spacing of bf16 values: one output rounding
+
+
+def _reference(x, w, bias=None):
+    y = x.float() @ w.float().T
+    return y if bias is None else y + bias.float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_kernel_equals_fp32_product_rounded_once(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    for n, k in SHAPES:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+        got = gemv_cpu.bf16_linear(x, w, bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        want = _reference(x, w, bias)
+        # fp32 sums in another order, then one rounding to bf16
+        torch.testing.assert_close(got.float(), want, rtol=BF16_ULP, atol=1e-4 * k ** 0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_int8_kernel_equals_dequantized_product(rows):
+    g = torch.Generator().manual_seed(10 + rows)
+    for n, k in SHAPES:
+        q, s = quantize_int8(torch.randn(n, k, generator=g))
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        bias = torch.randn(n, generator=g).bfloat16()
+        got = gemv_cpu.int8_linear(x, q, s.float(), bias)
+        want = _reference(x, dequantize_int8(q, s), bias)
+        # the activations' int16 rounding adds at most 2^-16 of the row's largest entry per term
+        atol = 1e-4 * k ** 0.5 + k * 2.0 ** -16 * x.float().abs().max() * dequantize_int8(q, s).abs().max()
+        torch.testing.assert_close(got.float(), want, rtol=BF16_ULP, atol=float(atol))
+
+
+def test_columns_past_an_int32_block_and_large_values():
+    """Thousands of columns of the largest int8 and int16 values: the int32 sums stay exact."""
+    k = 8192 + 64 + 5
+    q = torch.full((3, k), 127, dtype=torch.int8)
+    q[1] = -127
+    s = torch.ones(3)
+    x = torch.full((1, k), 3.0e4).bfloat16()
+    got = gemv_cpu.int8_linear(x, q, s).float()
+    want = x.float() @ q.float().T
+    torch.testing.assert_close(got, want, rtol=BF16_ULP, atol=0)
+
+
+def test_non_finite_rows_give_nan_and_leave_other_rows_alone():
+    w = torch.randn(16, 64).bfloat16()
+    q, s = quantize_int8(w.float())
+    x = torch.randn(2, 64).bfloat16()
+    x[0, 5] = float("nan")
+    for got, want in ((gemv_cpu.bf16_linear(x, w), _reference(x[1:], w)),
+                      (gemv_cpu.int8_linear(x, q, s.float()), _reference(x[1:], dequantize_int8(q, s)))):
+        assert torch.isnan(got[0]).all()
+        torch.testing.assert_close(got[1:].float(), want, rtol=2e-2, atol=2e-2)
+    x = torch.zeros(1, 64).bfloat16()
+    assert (gemv_cpu.int8_linear(x, q, s.float()) == 0).all()  # an all-zero row has no scale to find
+
+
+def test_usable_only_for_few_bf16_cpu_rows():
+    assert gemv_cpu.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert not gemv_cpu.usable(torch.zeros(5, 8, dtype=torch.bfloat16))  # prefill: torch's GEMM
+    assert not gemv_cpu.usable(torch.zeros(1, 8))  # fp32 models keep torch's kernels
+
+
+def test_switched_off_or_without_a_compiler(monkeypatch):
+    try:
+        monkeypatch.setenv(gemv_cpu.ENV_SWITCH, "0")
+        gemv_cpu.library.cache_clear()
+        assert gemv_cpu.library() is None and not gemv_cpu.usable(torch.zeros(1, 8, dtype=torch.bfloat16))
+        monkeypatch.delenv(gemv_cpu.ENV_SWITCH)
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+        gemv_cpu.library.cache_clear()
+        assert gemv_cpu.library() is None
+    finally:
+        monkeypatch.undo()
+        gemv_cpu.library.cache_clear()
+    assert gemv_cpu.library() is not None
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
+    """The bf16 engine without oneDNN prepacking (CPUs without bf16 arithmetic) and the int8
+    engine run their one-row products through the kernels, and their decode steps compute the
+    plain path's numbers to bf16 rounding."""
+    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    if quantize:
+        plain = quantize_model(plain, quantize)
+    calls = {"n": 0}
+    kernel = gemv_cpu.int8_linear if quantize else gemv_cpu.bf16_linear
+
+    def counted(*args):
+        calls["n"] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(gemv_cpu, kernel.__name__, counted)
+    engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+    g = torch.Generator().manual_seed(0)
+    D = plain.cfg.lfm.hidden_size
+    prompt = torch.randn(1, 12, D, generator=g).bfloat16()
+    with torch.inference_mode():
+        caches = [m.lfm.new_cache(1, 32) for m in (plain, engine)]
+        states = [m.lfm(prompt, c)[:, -1] for m, c in zip((plain, engine), caches)]
+        for step in range(6):  # the same inputs to both, one position at a time
+            x = torch.randn(1, 1, D, generator=g).bfloat16()
+            states = [m.lfm(x, c)[:, -1] for m, c in zip((plain, engine), caches)]
+            want, got = (s.float() for s in states)
+            assert F.cosine_similarity(got, want).min() > 0.999, step
+            text = [m.text_logits(s).float() for m, s in zip((plain, engine), states)]
+            assert F.cosine_similarity(text[1], text[0]).min() > 0.999, step
+            frames = [m.sample_frame(states[0], return_logits=True) for m in (plain, engine)]
+            # codebook 0 reads the same state; later ones read the codes picked before them
+            first = [logits[:, 0].float() for _, logits in frames]
+            assert F.cosine_similarity(first[1], first[0]).min() > 0.999, step
+    assert calls["n"] > 0

@@ -18,7 +18,7 @@ weight bytes over memory bandwidth plus per-op overhead. What the engine does ab
   On CPU the float matrices are prepacked into oneDNN's blocked layout, which makes the GEMV
   about 1.3-1.5x faster (in bf16 with bit-identical results to `F.linear`). Where oneDNN
   cannot prepack bf16 (no bf16 arithmetic), one to four rows go to the hand-written AVX2 GEMV
-  of model/gemv_cpu.py instead, and so do int8 weights (model/quantize.py) on any AVX2 CPU.
+  of model/cpu_kernels.py instead, and so do int8 weights (model/quantize.py) on any AVX2 CPU.
 * The backbone's RoPE cos/sin come from a table built once (no inv_freq / cos / sin per step);
   rows that all have the same length attend without a mask.
 * The 8 codebook steps of a frame are one routine over a preallocated depth KV cache (8 slots)
@@ -59,7 +59,7 @@ from torch import nn
 from ..config import DEPTH_HEADS, DEPTH_KV_HEADS, DEPTH_ROPE_THETA, END_OF_AUDIO
 from ..model.lfm2 import rope_inv_freq
 from ..model.lfm2_audio import run_encoder
-from ..model import gemv_cpu
+from ..model import cpu_kernels
 from ..model.quantize import (HALF, Int4Linear, Int8Linear, converted_linear, int4_linear, int8_dynamic_linear, int8_linear,
                               matmul_dtype, native_half, use_int8_gemv)
 from .sampling import GREEDY, Sampling, sample
@@ -128,12 +128,12 @@ class FusedLinear:
             self.scales = torch.cat([m.scales for m in modules])
             self.bytes = self.weight.numel() + self.scales.numel() * self.scales.element_size()
             self._gemv_scales = {}  # scales in each activation dtype the int8 GEMV kernel sees
-            self._scales32 = self.scales.float()  # for gemv_cpu's int8 kernel
+            self._scales32 = self.scales.float()  # for cpu_kernels's int8 kernel
             self._scales127 = self.scales.float() / 127.0  # for the dynamic (int8 x int8) kernel
             return
         self.weight = _concat_into(modules, "weight", rewrite=not prepack)
         self.bytes = self.weight.numel() * self.weight.element_size()
-        # One-row bf16 products where oneDNN cannot prepack go to gemv_cpu (decoding's bulk).
+        # One-row bf16 products where oneDNN cannot prepack go to cpu_kernels (decoding's bulk).
         self._gemv = (not prepack and not exact and self.weight.dtype == torch.bfloat16
                       and self.weight.device.type == "cpu" and self.weight.is_contiguous()
                       and (self.bias is None or self.bias.dtype == torch.bfloat16))
@@ -141,6 +141,16 @@ class FusedLinear:
             # batch_size=1: the layout for GEMV; other row counts (prefill) still work.
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
             self.weight = None  # the modules keep theirs; the engine only needs the packed one
+
+    def kernel_struct(self):
+        """This weight as cpu_kernels sees it, or None where those kernels do not take it."""
+        if self.bias is not None or self.weight is None or self.weight.device.type != "cpu":
+            return None
+        if self.quantized == "int8" and not self.dynamic and cpu_kernels.library() is not None:
+            return cpu_kernels.linear_struct(self.weight, self._scales32)
+        if self._gemv and cpu_kernels.library() is not None:
+            return cpu_kernels.linear_struct(self.weight)
+        return None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] (2-D: callers flatten) -> [rows, out]."""
@@ -154,8 +164,8 @@ class FusedLinear:
         if self.quantized:
             if self.dynamic:
                 return int8_dynamic_linear(x, self.weight, self._scales127, self.bias)
-            if gemv_cpu.usable(x) and (self.bias is None or self.bias.dtype == x.dtype):
-                return gemv_cpu.int8_linear(x.contiguous(), self.weight, self._scales32, self.bias)
+            if cpu_kernels.usable(x) and (self.bias is None or self.bias.dtype == x.dtype):
+                return cpu_kernels.int8_linear(x.contiguous(), self.weight, self._scales32, self.bias)
             if use_int8_gemv(x):
                 scales = self._gemv_scales.get(x.dtype)
                 if scales is None:
@@ -163,8 +173,8 @@ class FusedLinear:
                 y = torch.ops.aten._weight_int8pack_mm(x, self.weight, scales)
                 return y if self.bias is None else y + self.bias
             return int8_linear(x, self.weight, self.scales, self.bias)
-        if self._gemv and gemv_cpu.usable(x):
-            return gemv_cpu.bf16_linear(x.contiguous(), self.weight, self.bias)
+        if self._gemv and cpu_kernels.usable(x):
+            return cpu_kernels.bf16_linear(x.contiguous(), self.weight, self.bias)
         if not self.exact and matmul_dtype(x) != x.dtype:
             return converted_linear(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -437,6 +447,25 @@ class FastDepth:
         self.cos2 = angle.cos().repeat_interleave(2, dim=-1).to(device)  # [K, hd]
         self.sin2 = torch.stack((-angle.sin(), angle.sin()), dim=-1).flatten(-2).to(device)
         self._kv = None  # per layer (K, V) [B, kv heads, K slots, hd], reused across frames
+        self.cpu_step = None if exact else self._cpu_step()
+
+    def _cpu_step(self):
+        """The codebook step as one cpu_kernels call, where every weight goes to those kernels."""
+        layers = []
+        for layer in self.layers:
+            structs = {name: getattr(layer, name).kernel_struct() for name in ("qkv", "out", "w13", "w2")}
+            if None in structs.values() or layer.eps != self.layers[0].eps or layer.qk_eps != self.layers[0].qk_eps:
+                return None
+            layers.append(dict(structs, operator_norm=layer.op_norm.contiguous(), ffn_norm=layer.ffn_norm.contiguous(),
+                               qk_norm=layer.qk_norm.contiguous()))
+        heads = [h.kernel_struct() for h in self.heads]
+        if None in heads or not layers:
+            return None
+        first = self.layers[0]
+        return cpu_kernels.DepthStep(
+            layers, heads, [n.contiguous() for n in self.head_norm], self.cos2.contiguous(), self.sin2.contiguous(),
+            heads_q=DEPTH_HEADS, kv_heads=DEPTH_KV_HEADS, ffn_dim=first.ffn_dim, eps=first.eps, qk_eps=first.qk_eps,
+            head_eps=self.head_eps, keep=[self.layers, self.heads])
 
     @property
     def bytes_per_frame(self) -> int:
@@ -460,6 +489,8 @@ class FastDepth:
         B = h.shape[0]
         z = self.depth_linear(h).view(B, self.K, self.dim)
         kv = self._caches(B, z.dtype, z.device)
+        if self.cpu_step is not None and cpu_kernels.usable(z[:, 0]):
+            return self._cpu_frame(z, kv, params, generator, return_logits)
         H, KV, hd = DEPTH_HEADS, DEPTH_KV_HEADS, self.head_dim
         x = z[:, 0]
         codes, all_logits = [], []
@@ -487,6 +518,24 @@ class FastDepth:
             codes.append(code)
             if k + 1 < self.K:
                 x = z[:, k + 1] + F.embedding(code, self.embed[k])
+        frame = torch.stack(codes, dim=1)
+        return (frame, torch.stack(all_logits, dim=1)) if return_logits else frame
+
+
+    def _cpu_frame(self, z, kv, params, generator, return_logits):
+        """`frame` with each codebook step one cpu_kernels call; sampling stays here."""
+        x = z[:, 0].clone()
+        codes, all_logits = [], []
+        for k in range(self.K):
+            logits = self.cpu_step(k, x, kv)  # x now holds the last layer's output, unused
+            if return_logits:
+                all_logits.append(logits.clone())
+            if k > 0:
+                logits[:, END_OF_AUDIO] = float("-inf")
+            code = sample(logits, params, generator)
+            codes.append(code)
+            if k + 1 < self.K:
+                x = (z[:, k + 1] + F.embedding(code, self.embed[k])).contiguous()
         frame = torch.stack(codes, dim=1)
         return (frame, torch.stack(all_logits, dim=1)) if return_logits else frame
 

@@ -6,8 +6,8 @@ with one symmetric scale per output channel (row). Two ways to multiply (`quanti
 
   "int8"      weight-only: activations stay in the model's dtype, the only error is the weight
               rounding. Kernels (CPU): for one to four bf16 rows the hand-written AVX2 loop
-              of gemv_cpu.py (about twice the speed of torch's `aten._weight_int8pack_mm`
-              on a 2-core AVX2 CPU; that kernel is the fallback where gemv_cpu cannot build);
+              of cpu_kernels.py (about twice the speed of torch's `aten._weight_int8pack_mm`
+              on a 2-core AVX2 CPU; that kernel is the fallback where cpu_kernels cannot build);
               for many rows (prefill) convert the int8 values to the activation dtype and
               run the dense GEMM, which is compute-bound there and ~3x faster than the GEMV
               kernel; fp32 activations always convert (the int8 kernel's fp32 path is ~20x
@@ -44,7 +44,7 @@ from torch import nn
 
 from ..config import QUANT_MODES
 from ..errors import InputError
-from . import gemv_cpu
+from . import cpu_kernels
 
 # Above this many activation rows the int8 GEMV kernel loses to dequantize + dense GEMM.
 INT8_GEMV_MAX_ROWS = 4
@@ -120,8 +120,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
     """x [..., K] @ (q * scales[:, None]).T (+ bias) with the fastest kernel for the shape."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if gemv_cpu.usable(x2) and (bias is None or bias.dtype == x2.dtype):
-        return gemv_cpu.int8_linear(x2.contiguous(), q, scales.float(), bias).reshape(*lead, q.shape[0])
+    if cpu_kernels.usable(x2) and (bias is None or bias.dtype == x2.dtype):
+        return cpu_kernels.int8_linear(x2.contiguous(), q, scales.float(), bias).reshape(*lead, q.shape[0])
     if use_int8_gemv(x2):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scales.to(x2.dtype))
     else:

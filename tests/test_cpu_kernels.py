@@ -1,5 +1,5 @@
-"""The hand-written CPU decode kernels (model/gemv_cpu.c) against torch, and their use by the
-fast engine and the int8 modules."""
+"""The hand-written CPU decode kernels (model/cpu_kernels.c) against torch, and their use by the
+fast engine (one-row products, the depthformer step) and the int8 modules."""
 
 import copy
 import shutil
@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from lfm2_audio.generation.fast import FastLFM2Audio
-from lfm2_audio.model import gemv_cpu
+from lfm2_audio.generation.sampling import GREEDY, Sampling
+from lfm2_audio.model import cpu_kernels
 from lfm2_audio.model.lfm2_audio import random_model
 from lfm2_audio.model.quantize import dequantize_int8, quantize_int8, quantize_model
 
-pytestmark = pytest.mark.skipif(gemv_cpu.library() is None,
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None,
                                 reason="the CPU kernels need an x86 CPU with AVX2 and a C compiler")
 
 # (rows out, columns in): whole 64-column steps, column tails, row counts that do not split evenly
@@ -35,7 +36,7 @@ def test_bf16_kernel_equals_fp32_product_rounded_once(rows, with_bias):
         w = torch.randn(n, k, generator=g).bfloat16()
         x = torch.randn(rows, k, generator=g).bfloat16()
         bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
-        got = gemv_cpu.bf16_linear(x, w, bias)
+        got = cpu_kernels.bf16_linear(x, w, bias)
         assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
         want = _reference(x, w, bias)
         # fp32 sums in another order, then one rounding to bf16
@@ -49,7 +50,7 @@ def test_int8_kernel_equals_dequantized_product(rows):
         q, s = quantize_int8(torch.randn(n, k, generator=g))
         x = torch.randn(rows, k, generator=g).bfloat16()
         bias = torch.randn(n, generator=g).bfloat16()
-        got = gemv_cpu.int8_linear(x, q, s.float(), bias)
+        got = cpu_kernels.int8_linear(x, q, s.float(), bias)
         want = _reference(x, dequantize_int8(q, s), bias)
         # the activations' int16 rounding adds at most 2^-16 of the row's largest entry per term
         atol = 1e-4 * k ** 0.5 + k * 2.0 ** -16 * x.float().abs().max() * dequantize_int8(q, s).abs().max()
@@ -63,7 +64,7 @@ def test_columns_past_an_int32_block_and_large_values():
     q[1] = -127
     s = torch.ones(3)
     x = torch.full((1, k), 3.0e4).bfloat16()
-    got = gemv_cpu.int8_linear(x, q, s).float()
+    got = cpu_kernels.int8_linear(x, q, s).float()
     want = x.float() @ q.float().T
     torch.testing.assert_close(got, want, rtol=BF16_ULP, atol=0)
 
@@ -73,34 +74,34 @@ def test_non_finite_rows_give_nan_and_leave_other_rows_alone():
     q, s = quantize_int8(w.float())
     x = torch.randn(2, 64).bfloat16()
     x[0, 5] = float("nan")
-    for got, want in ((gemv_cpu.bf16_linear(x, w), _reference(x[1:], w)),
-                      (gemv_cpu.int8_linear(x, q, s.float()), _reference(x[1:], dequantize_int8(q, s)))):
+    for got, want in ((cpu_kernels.bf16_linear(x, w), _reference(x[1:], w)),
+                      (cpu_kernels.int8_linear(x, q, s.float()), _reference(x[1:], dequantize_int8(q, s)))):
         assert torch.isnan(got[0]).all()
         torch.testing.assert_close(got[1:].float(), want, rtol=2e-2, atol=2e-2)
     x = torch.zeros(1, 64).bfloat16()
-    assert (gemv_cpu.int8_linear(x, q, s.float()) == 0).all()  # an all-zero row has no scale to find
+    assert (cpu_kernels.int8_linear(x, q, s.float()) == 0).all()  # an all-zero row has no scale to find
 
 
 def test_usable_only_for_few_bf16_cpu_rows():
-    assert gemv_cpu.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
-    assert not gemv_cpu.usable(torch.zeros(5, 8, dtype=torch.bfloat16))  # prefill: torch's GEMM
-    assert not gemv_cpu.usable(torch.zeros(1, 8))  # fp32 models keep torch's kernels
+    assert cpu_kernels.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
+    assert not cpu_kernels.usable(torch.zeros(5, 8, dtype=torch.bfloat16))  # prefill: torch's GEMM
+    assert not cpu_kernels.usable(torch.zeros(1, 8))  # fp32 models keep torch's kernels
 
 
 def test_switched_off_or_without_a_compiler(monkeypatch):
     try:
-        monkeypatch.setenv(gemv_cpu.ENV_SWITCH, "0")
-        gemv_cpu.library.cache_clear()
-        assert gemv_cpu.library() is None and not gemv_cpu.usable(torch.zeros(1, 8, dtype=torch.bfloat16))
-        monkeypatch.delenv(gemv_cpu.ENV_SWITCH)
+        monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.library() is None and not cpu_kernels.usable(torch.zeros(1, 8, dtype=torch.bfloat16))
+        monkeypatch.delenv(cpu_kernels.ENV_SWITCH)
         monkeypatch.delenv("CC", raising=False)
         monkeypatch.setattr(shutil, "which", lambda name: None)
-        gemv_cpu.library.cache_clear()
-        assert gemv_cpu.library() is None
+        cpu_kernels.library.cache_clear()
+        assert cpu_kernels.library() is None
     finally:
         monkeypatch.undo()
-        gemv_cpu.library.cache_clear()
-    assert gemv_cpu.library() is not None
+        cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
@@ -112,13 +113,13 @@ def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
     if quantize:
         plain = quantize_model(plain, quantize)
     calls = {"n": 0}
-    kernel = gemv_cpu.int8_linear if quantize else gemv_cpu.bf16_linear
+    kernel = cpu_kernels.int8_linear if quantize else cpu_kernels.bf16_linear
 
     def counted(*args):
         calls["n"] += 1
         return kernel(*args)
 
-    monkeypatch.setattr(gemv_cpu, kernel.__name__, counted)
+    monkeypatch.setattr(cpu_kernels, kernel.__name__, counted)
     engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
     g = torch.Generator().manual_seed(0)
     D = plain.cfg.lfm.hidden_size
@@ -138,3 +139,37 @@ def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
             first = [logits[:, 0].float() for _, logits in frames]
             assert F.cosine_similarity(first[1], first[0]).min() > 0.999, step
     assert calls["n"] > 0
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_depthformer_step_in_one_call_matches_the_torch_ops(quantize):
+    """The codebook step as one kernel call (every layer, then the head) computes the frame the
+    engine's torch ops compute: the same codes, greedy and sampled, and logits to rounding."""
+    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    if quantize:
+        plain = quantize_model(plain, quantize)
+    engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+    step = engine.depth.cpu_step
+    assert step is not None
+    h = torch.randn(3, plain.cfg.lfm.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    for rows in (1, 3):
+        for params in (GREEDY, Sampling(temperature=1.0, top_k=4)):
+            frames = []
+            for use in (step, None):
+                engine.depth.cpu_step = use
+                with torch.inference_mode():
+                    frames.append(engine.sample_frame(h[:rows], params, torch.Generator().manual_seed(2),
+                                                      return_logits=True))
+            engine.depth.cpu_step = step
+            (codes, logits), (want_codes, want_logits) = frames
+            assert torch.equal(codes, want_codes)
+            torch.testing.assert_close(logits.float(), want_logits.float(), rtol=2 * BF16_ULP, atol=1e-2)
+
+
+def test_depthformer_step_only_where_every_weight_fits_the_kernels():
+    fp32 = random_model(tiny_config(), seed=0)
+    assert FastLFM2Audio(copy.deepcopy(fp32), threads=0).depth.cpu_step is None  # fp32 keeps torch's ops
+    bf16 = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    assert FastLFM2Audio(copy.deepcopy(bf16), prepack=False, exact=True, threads=0).depth.cpu_step is None
+    dyn = quantize_model(copy.deepcopy(bf16), "int8-dyn")
+    assert FastLFM2Audio(dyn, threads=0).depth.cpu_step is None

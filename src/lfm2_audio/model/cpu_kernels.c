@@ -1,0 +1,332 @@
+/* CPU decode kernels, AVX2 + FMA: one-row (up to 4 rows) matrix-vector products, and the
+   depthformer's codebook step built on them.
+
+   Decoding reads every weight once per token for one activation row, so a step's time is the
+   weight bytes over memory bandwidth. On a 2-core AVX2 CPU torch's bf16 GEMV streams weights
+   at 10-15 GB/s and its int8 kernel at 8-12 GB/s against ~24 GB/s the memory gives; these loops
+   reach 14-19 GB/s. What makes the difference:
+   - one weight row at a time, read front to back in 64-byte steps, with a software prefetch
+     PREFETCH bytes ahead: one sequential stream per core keeps the memory busy;
+   - bf16 weights widen to fp32 with a shift (bf16 is the top half of an fp32);
+   - int8 weights multiply int16-rounded activations with madd (16 products an instruction,
+     exact in int32), because widening int8 all the way to fp32 costs more instructions than
+     the memory leaves time for. Each activation row is rounded to int16 with its own scale
+     (relative error <= 2^-16 of its largest entry, far below the weights' int8 rounding).
+   Sums are fp32 (int32 within blocks of INT_BLOCK columns for int8).
+
+   The depthformer step (lfm_depth_step) runs every layer of one codebook step and that
+   codebook's head in one call: 48 layer steps a frame at official size, each ~40 small torch
+   ops (norms, rotary, attention over <= 8 slots, residuals) that cost more in dispatch than
+   in arithmetic. It rounds to bf16 where the torch engine's bf16 tensors do, so the two agree
+   to the order of fp32 sums.
+
+   Rows of each product are split across `threads` OpenMP threads. Loaded after torch, the
+   library shares torch's OpenMP runtime (same SONAME), so there is one thread pool, not two. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROWS 4
+#define PREFETCH 1024
+#define INT_BLOCK 1024 /* int8 x int16 sums per int32 lane stay below 2^31 over this many columns */
+
+static inline float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(a);
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+static inline __m256 widen_bf16(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __m256i widen_int8(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* ---- matrix-vector products ----------------------------------------------------------------- */
+
+typedef struct {
+    const void *weight;   /* bf16 [n, k], or int8 [n, k] when scales is set */
+    const float *scales;  /* int8: one per weight row; NULL for bf16 */
+    int n, k;
+} Linear;
+
+/* sums[r] = w . x[r] for one bf16 weight row; x fp32 [R][k]. R is a constant where inlined. */
+static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, const float *x, int R, int k,
+                                                           float *sums) {
+    __m256 acc[MAX_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= k; i += 32) {
+        _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
+        __m256 w0 = widen_bf16(w + i), w1 = widen_bf16(w + i + 8);
+        __m256 w2 = widen_bf16(w + i + 16), w3 = widen_bf16(w + i + 24);
+        for (int r = 0; r < R; r++) {
+            const float *xr = x + (long)r * k + i;
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1]);
+            acc[r][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float s = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+        for (int j = i; j < k; j++) s += bf16_to_float(w[j]) * x[(long)r * k + j];
+        sums[r] = s;
+    }
+}
+
+/* The same for an int8 weight row and int16 activations. */
+static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, const int16_t *x, int R, int k,
+                                                           float *sums) {
+    __m256 total[MAX_ROWS];
+    for (int r = 0; r < R; r++) total[r] = _mm256_setzero_ps();
+    int i = 0;
+    while (i + 64 <= k) {
+        __m256i acc[MAX_ROWS][2];
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        int end = i + INT_BLOCK < k ? i + INT_BLOCK : k;
+        for (; i + 64 <= end; i += 64) {
+            _mm_prefetch((const char *)(w + i) + PREFETCH, _MM_HINT_T0);
+            __m256i w0 = widen_int8(w + i), w1 = widen_int8(w + i + 16);
+            __m256i w2 = widen_int8(w + i + 32), w3 = widen_int8(w + i + 48);
+            for (int r = 0; r < R; r++) {
+                const __m256i *xr = (const __m256i *)(x + (long)r * k + i);
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w0, _mm256_loadu_si256(xr)));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xr + 1)));
+                acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w2, _mm256_loadu_si256(xr + 2)));
+                acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w3, _mm256_loadu_si256(xr + 3)));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            total[r] = _mm256_add_ps(total[r], _mm256_cvtepi32_ps(_mm256_add_epi32(acc[r][0], acc[r][1])));
+    }
+    for (int r = 0; r < R; r++) {
+        float s = hsum(total[r]);
+        for (int j = i; j < k; j++) s += (float)w[j] * (float)x[(long)r * k + j];
+        sums[r] = s;
+    }
+}
+
+#define BF16_ROWS(R)                                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                  \
+    for (int j = 0; j < n; j++) {                                                      \
+        float sums[MAX_ROWS];                                                          \
+        dot_bf16((const uint16_t *)L->weight + (long)j * k, x, R, k, sums);            \
+        for (int r = 0; r < R; r++) y[(long)r * n + j] = sums[r];                     \
+    }
+
+#define INT8_ROWS(R)                                                                   \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                  \
+    for (int j = 0; j < n; j++) {                                                      \
+        float sums[MAX_ROWS];                                                          \
+        dot_int8((const int8_t *)L->weight + (long)j * k, xq, R, k, sums);             \
+        for (int r = 0; r < R; r++) y[(long)r * n + j] = sums[r] * L->scales[j] * xscale[r]; \
+    }
+
+/* y [rows, n] = x [rows, k] @ W.T in fp32 (not rounded); rows <= MAX_ROWS. 0, or -2 when out of
+   memory. An int8 product of a row that is not finite is a row of NaN. */
+static int matvec(const Linear *L, const float *x, int rows, float *y, int threads) {
+    int n = L->n, k = L->k;
+    if (!L->scales) {
+        switch (rows) {
+        case 1: BF16_ROWS(1) break;
+        case 2: BF16_ROWS(2) break;
+        case 3: BF16_ROWS(3) break;
+        default: BF16_ROWS(4) break;
+        }
+        return 0;
+    }
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)rows * k);
+    if (!xq) return -2;
+    float xscale[MAX_ROWS];
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (long)r * k;
+        float amax = 0.0f;
+        int finite = 1;
+        for (int i = 0; i < k; i++) {
+            amax = fmaxf(amax, fabsf(xr[i]));
+            finite &= isfinite(xr[i]) != 0;
+        }
+        xscale[r] = finite ? (amax > 0.0f ? amax / 32767.0f : 1.0f) : NAN;
+        float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+        for (int i = 0; i < k; i++) xq[(long)r * k + i] = (int16_t)lrintf(xr[i] * inv);
+    }
+    switch (rows) {
+    case 1: INT8_ROWS(1) break;
+    case 2: INT8_ROWS(2) break;
+    case 3: INT8_ROWS(3) break;
+    default: INT8_ROWS(4) break;
+    }
+    free(xq);
+    return 0;
+}
+
+/* y [rows, n] = x [rows, k] @ W.T (+ bias [n]), x, bias and y bf16: the product in fp32, the
+   bias added, one rounding. scales NULL: bf16 weight; else int8 weight and fp32 row scales.
+   0 on success, -1 for a bad row count, -2 when out of memory. */
+int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+               int rows, int n, int k, int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return -1;
+    Linear L = {weight, scales, n, k};
+    float *xf = malloc(sizeof(float) * (size_t)rows * k);
+    float *yf = malloc(sizeof(float) * (size_t)rows * n);
+    int rc = xf && yf ? 0 : -2;
+    if (!rc) {
+        for (long i = 0; i < (long)rows * k; i++) xf[i] = bf16_to_float(x[i]);
+        rc = matvec(&L, xf, rows, yf, threads);
+    }
+    if (!rc)
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < n; j++)
+                y[(long)r * n + j] = float_to_bf16(yf[(long)r * n + j] + (bias ? bf16_to_float(bias[j]) : 0.0f));
+    free(xf);
+    free(yf);
+    return rc;
+}
+
+/* ---- the depthformer's codebook step -------------------------------------------------------- */
+
+typedef struct {
+    Linear qkv, out, w13, w2;
+    const float *operator_norm, *ffn_norm; /* [dim] */
+    const float *qk_norm;                  /* [heads + kv_heads, head_dim]: q heads', then k heads' */
+} DepthLayer;
+
+typedef struct {
+    int n_layers, dim, heads, kv_heads, head_dim, slots, ffn_dim;
+    float eps, qk_eps, head_eps;
+    const float *cos2, *sin2; /* [slots, head_dim]: interleaved-pair rotary as x * cos2 + swap(x) * sin2 */
+    const DepthLayer *layers;
+    const Linear *logits;          /* one logits head per codebook */
+    const float *const *head_norm; /* its norm weight [dim] */
+} Depth;
+
+/* out = bf16(rms_norm(x) * weight) over n values, the norm in fp32. */
+static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = round_bf16(x[i] * inv * weight[i]);
+}
+
+static void depth_layer(const Depth *d, const DepthLayer *L, int slot, float *x, float *k_cache, float *v_cache,
+                        int rows, float *work, int threads) {
+    const int D = d->dim, H = d->heads, KV = d->kv_heads, hd = d->head_dim, S = d->slots, F = d->ffn_dim;
+    const int nqkv = L->qkv.n, group = H / KV;
+    /* work: the layout lfm_depth_step sizes (per row: D + widest qkv + H * hd + 3 F + D) */
+    float *h = work, *qkv = h + MAX_ROWS * D, *att = qkv + MAX_ROWS * nqkv, *ab = att + MAX_ROWS * H * hd;
+    float *gated = ab + MAX_ROWS * 2 * F, *proj = gated + MAX_ROWS * F;
+    const float *cos2 = d->cos2 + (long)slot * hd, *sin2 = d->sin2 + (long)slot * hd;
+
+    for (int r = 0; r < rows; r++) rms_norm(x + (long)r * D, L->operator_norm, D, d->eps, h + (long)r * D);
+    matvec(&L->qkv, h, rows, qkv, threads);
+    for (int r = 0; r < rows; r++) {
+        float *row = qkv + (long)r * nqkv;
+        for (int i = 0; i < nqkv; i++) row[i] = round_bf16(row[i]);
+        /* per-head norm of q and k, then rotary at this slot; k and v go to the caches */
+        for (int head = 0; head < H + KV; head++) {
+            float *v = row + head * hd, normed[hd];
+            rms_norm(v, L->qk_norm + (long)head * hd, hd, d->qk_eps, normed);
+            for (int i = 0; i < hd; i++) {
+                float swapped = normed[i ^ 1];
+                float a = normed[i] * cos2[i], b = swapped * sin2[i];
+                v[i] = round_bf16(a + b);
+            }
+        }
+        for (int g = 0; g < KV; g++) {
+            long at = (((long)r * KV + g) * S + slot) * hd;
+            memcpy(k_cache + at, row + (H + g) * hd, sizeof(float) * hd);
+            memcpy(v_cache + at, row + (H + KV + g) * hd, sizeof(float) * hd);
+        }
+        /* attention of each q head over slots 0..slot of its kv head, in fp32 */
+        float scale = 1.0f / sqrtf((float)hd);
+        for (int q = 0; q < H; q++) {
+            const float *qv = row + q * hd;
+            int g = q / group;
+            const float *kc = k_cache + ((long)r * KV + g) * S * hd, *vc = v_cache + ((long)r * KV + g) * S * hd;
+            float p[S], top = -INFINITY, total = 0.0f;
+            for (int t = 0; t <= slot; t++) {
+                float s = 0.0f;
+                for (int i = 0; i < hd; i++) s += qv[i] * kc[(long)t * hd + i];
+                p[t] = s * scale;
+                top = fmaxf(top, p[t]);
+            }
+            for (int t = 0; t <= slot; t++) total += p[t] = expf(p[t] - top);
+            float *o = att + (long)r * H * hd + q * hd;
+            for (int i = 0; i < hd; i++) {
+                float s = 0.0f;
+                for (int t = 0; t <= slot; t++) s += p[t] / total * vc[(long)t * hd + i];
+                o[i] = round_bf16(s);
+            }
+        }
+    }
+    matvec(&L->out, att, rows, proj, threads);
+    for (long i = 0; i < (long)rows * D; i++) x[i] = round_bf16(x[i] + round_bf16(proj[i]));
+
+    for (int r = 0; r < rows; r++) rms_norm(x + (long)r * D, L->ffn_norm, D, d->eps, h + (long)r * D);
+    matvec(&L->w13, h, rows, ab, threads);
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < F; i++) {
+            float a = round_bf16(ab[(long)r * 2 * F + i]), b = round_bf16(ab[(long)r * 2 * F + F + i]);
+            float silu = round_bf16(a / (1.0f + expf(-a)));
+            gated[(long)r * F + i] = round_bf16(silu * b);
+        }
+    matvec(&L->w2, gated, rows, proj, threads);
+    for (long i = 0; i < (long)rows * D; i++) x[i] = round_bf16(x[i] + round_bf16(proj[i]));
+}
+
+/* One codebook step for `rows` rows: x [rows, dim] bf16 in (the slot's input) and out (the last
+   layer's output); k/v caches fp32 [rows, kv_heads, slots, head_dim] per layer, in `caches` as
+   k0, v0, k1, v1, ...; logits [rows, d->logits[slot].n] bf16 out. 0, or -1 / -2 as lfm_linear. */
+int lfm_depth_step(const Depth *d, int slot, uint16_t *x, float *const *caches, uint16_t *logits, int rows,
+                   int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return -1;
+    const int D = d->dim, F = d->ffn_dim, HD = d->heads * d->head_dim;
+    int nqkv = 0;
+    for (int l = 0; l < d->n_layers; l++) nqkv = nqkv > d->layers[l].qkv.n ? nqkv : d->layers[l].qkv.n;
+    const Linear *head = &d->logits[slot];
+    size_t per_row = (size_t)D + nqkv + HD + 3 * (size_t)F + D;
+    if (per_row < (size_t)D + head->n) per_row = (size_t)D + head->n; /* the head: normed x, logits */
+    float *xf = malloc(sizeof(float) * MAX_ROWS * D);
+    float *work = malloc(sizeof(float) * MAX_ROWS * per_row);
+    if (!xf || !work) {
+        free(xf);
+        free(work);
+        return -2;
+    }
+    for (long i = 0; i < (long)rows * D; i++) xf[i] = bf16_to_float(x[i]);
+    for (int l = 0; l < d->n_layers; l++)
+        depth_layer(d, &d->layers[l], slot, xf, caches[2 * l], caches[2 * l + 1], rows, work, threads);
+    for (long i = 0; i < (long)rows * D; i++) x[i] = float_to_bf16(xf[i]);
+    for (int r = 0; r < rows; r++) rms_norm(xf + (long)r * D, d->head_norm[slot], D, d->head_eps, work + (long)r * D);
+    float *y = work + MAX_ROWS * D;
+    int rc = matvec(head, work, rows, y, threads);
+    for (long i = 0; i < (long)rows * head->n; i++) logits[i] = float_to_bf16(y[i]);
+    free(xf);
+    free(work);
+    return rc;
+}

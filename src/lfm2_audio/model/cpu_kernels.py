@@ -1,0 +1,174 @@
+"""Hand-written CPU kernels for decoding (cpu_kernels.c), built on first use.
+
+A decode step multiplies one to a few activation rows by every weight matrix, so it is bound by
+how fast the weights stream from memory. On a 2-core AVX2 CPU torch's bf16 GEMV and its int8
+kernel reach about half of the memory bandwidth; the loops in cpu_kernels.c reach 60-80% of it
+(the file says how). The fast engine uses them for bf16 weights that oneDNN cannot prepack
+(CPUs without bf16 arithmetic) and for int8 weights on any x86 CPU with AVX2: each one-row
+product (`bf16_linear`, `int8_linear`), and the depthformer's codebook step as one call
+(`DepthStep`: every layer and the head, in place of ~250 small torch ops).
+
+The C file is compiled with the system C compiler into a per-user cache the first time it is
+needed (about a second; the file and flags name the library, so an edit rebuilds it). No
+compiler, no AVX2, or LFM2_AUDIO_CPU_KERNELS=0: `library()` is None and callers keep torch's
+kernels. Results equal torch's up to the order of fp32 sums (and, for int8, the activations'
+int16 rounding, ~1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_suffix(".c")
+# -ffp-contract=off: a * b + c stays two roundings, as in torch's elementwise ops
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
+MAX_ROWS = 4  # the C file's MAX_ROWS
+ENV_SWITCH = "LFM2_AUDIO_CPU_KERNELS"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "lfm2-audio"
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: another process may be building the same file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class Linear(ctypes.Structure):
+    """A weight the kernels multiply by: bf16 [n, k], or int8 [n, k] with fp32 row scales."""
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("n", ctypes.c_int), ("k", ctypes.c_int)]
+
+
+class DepthLayer(ctypes.Structure):
+    _fields_ = [("qkv", Linear), ("out", Linear), ("w13", Linear), ("w2", Linear),
+                ("operator_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("qk_norm", ctypes.c_void_p)]
+
+
+class Depth(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("n_layers", "dim", "heads", "kv_heads", "head_dim", "slots", "ffn_dim")]
+    _fields_ += [(name, ctypes.c_float) for name in ("eps", "qk_eps", "head_eps")]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("cos2", "sin2", "layers", "logits", "head_norm")]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (see the module docstring)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"CPU decode kernels unavailable, using torch's ({detail.strip()[:300]})", stacklevel=2)
+        return None
+    lib.lfm_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+    lib.lfm_depth_step.argtypes = [ctypes.POINTER(Depth), ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
+    lib.lfm_linear.restype = lib.lfm_depth_step.restype = ctypes.c_int
+    return lib
+
+
+def usable(x2: torch.Tensor) -> bool:
+    """Whether these activation rows [rows, K] go to the kernels here."""
+    return (x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and 0 < x2.shape[0] <= MAX_ROWS
+            and library() is not None)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int) -> None:
+    if rc != 0:
+        raise MemoryError("a CPU decode kernel could not allocate its buffers")
+
+
+def _linear(x2, weight, scales32, bias):
+    rows, k = x2.shape
+    n = weight.shape[0]
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    _check(library().lfm_linear(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(),
+                                rows, n, k, torch.get_num_threads()))
+    return y
+
+
+def bf16_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [rows, K] @ weight [N, K].T (+ bias [N]), all bf16 and contiguous; `usable(x2)`."""
+    return _linear(x2, weight, None, bias)
+
+
+def int8_linear(x2: torch.Tensor, q: torch.Tensor, scales32: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [rows, K] bf16 @ (q [N, K] int8 * scales32 [N] fp32).T (+ bias [N] bf16); `usable(x2)`."""
+    return _linear(x2, q, scales32, bias)
+
+
+def linear_struct(weight: torch.Tensor, scales32: torch.Tensor | None = None) -> Linear:
+    return Linear(weight.data_ptr(), _ptr(scales32), weight.shape[0], weight.shape[1])
+
+
+class DepthStep:
+    """The depthformer's codebook step (every layer, then the codebook's head) as one call.
+
+    layers: per layer a dict of Linear structs (qkv, out, w13, w2) and fp32 tensors
+    (operator_norm, ffn_norm [dim], qk_norm [heads + kv_heads, head_dim]); heads: a Linear per
+    codebook, head_norms their fp32 norm weights; cos2/sin2 [slots, head_dim] fp32. `keep`:
+    the tensors the structs point into, held here so they outlive the structs.
+    """
+
+    def __init__(self, layers: list[dict], heads: list[Linear], head_norms: list[torch.Tensor], cos2, sin2, *,
+                 heads_q: int, kv_heads: int, ffn_dim: int, eps: float, qk_eps: float, head_eps: float, keep: list):
+        dim = head_norms[0].shape[0]
+        self._keep = [cos2, sin2, head_norms, keep]
+        self._layers = (DepthLayer * len(layers))(*[
+            DepthLayer(l["qkv"], l["out"], l["w13"], l["w2"], l["operator_norm"].data_ptr(), l["ffn_norm"].data_ptr(),
+                       l["qk_norm"].data_ptr()) for l in layers])
+        self._keep.append([(l["operator_norm"], l["ffn_norm"], l["qk_norm"]) for l in layers])
+        self._heads = (Linear * len(heads))(*heads)
+        self._head_norms = (ctypes.c_void_p * len(head_norms))(*[t.data_ptr() for t in head_norms])
+        self.depth = Depth(len(layers), dim, heads_q, kv_heads, cos2.shape[1], cos2.shape[0], ffn_dim,
+                           eps, qk_eps, head_eps, cos2.data_ptr(), sin2.data_ptr(),
+                           ctypes.cast(self._layers, ctypes.c_void_p), ctypes.cast(self._heads, ctypes.c_void_p),
+                           ctypes.cast(self._head_norms, ctypes.c_void_p))
+        self._caches = (None, None)  # (the cache list seen last, its pointer array)
+
+    def __call__(self, slot: int, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x [rows, dim] bf16 contiguous: the slot's input, overwritten with the last layer's
+        output; caches: per layer (k, v) fp32 [rows, kv_heads, slots, head_dim]. Returns the
+        slot's logits [rows, vocab] bf16."""
+        if self._caches[0] is not caches:
+            flat = [t.data_ptr() for kv in caches for t in kv]
+            self._caches = (caches, (ctypes.c_void_p * len(flat))(*flat))
+        logits = torch.empty(x.shape[0], self._heads[slot].n, dtype=torch.bfloat16)
+        _check(library().lfm_depth_step(ctypes.byref(self.depth), slot, x.data_ptr(), self._caches[1],
+                                        logits.data_ptr(), x.shape[0], torch.get_num_threads()))
+        return logits

@@ -173,3 +173,59 @@ def test_depthformer_step_only_where_every_weight_fits_the_kernels():
     assert FastLFM2Audio(copy.deepcopy(bf16), prepack=False, exact=True, threads=0).depth.cpu_step is None
     dyn = quantize_model(copy.deepcopy(bf16), "int8-dyn")
     assert FastLFM2Audio(dyn, threads=0).depth.cpu_step is None
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_backbone_step_in_one_call_matches_the_torch_ops(quantize):
+    """One new position through every backbone layer as one kernel call: the same outputs, keys,
+    values and conv states as the engine's torch ops, to bf16 rounding, for one row and three."""
+    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    if quantize:
+        plain = quantize_model(plain, quantize)
+    engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+    step = engine.lfm.cpu_step
+    assert step is not None
+    D = plain.cfg.lfm.hidden_size
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 3):
+        prompt = torch.randn(rows, 9, D, generator=g).bfloat16()
+        with torch.inference_mode():
+            caches = [engine.lfm.new_cache(rows, 32) for _ in range(2)]
+            for cache in caches:
+                engine.lfm(prompt, cache)  # prefill: torch's many-row path either way
+            for position in range(9, 21):
+                x = torch.randn(rows, 1, D, generator=g).bfloat16()
+                outs = []
+                for cache, use in zip(caches, (step, None)):
+                    engine.lfm.cpu_step = use
+                    outs.append(engine.lfm(x, cache).float())
+                engine.lfm.cpu_step = step
+                torch.testing.assert_close(outs[0], outs[1], rtol=2 * BF16_ULP, atol=2e-2)
+                assert F.cosine_similarity(outs[0].flatten(1), outs[1].flatten(1)).min() > 0.9999
+        got, want = caches
+        assert got.max_len == want.max_len == 21 and got.lengths.tolist() == want.lengths.tolist()
+        for a, b in zip(got.keys + got.values + got.conv, want.keys + want.values + want.conv):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2 * BF16_ULP, atol=2e-2)
+
+
+def test_backbone_step_falls_back_for_rows_at_different_positions():
+    model = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    engine = FastLFM2Audio(copy.deepcopy(model), prepack=False, threads=0)
+    calls = {"n": 0}
+    step = engine.lfm.cpu_step
+
+    def counted(*args):
+        calls["n"] += 1
+        return step(*args)
+
+    counted.state = step.state
+    engine.lfm.cpu_step = counted
+    D = model.cfg.lfm.hidden_size
+    with torch.inference_mode():
+        cache = engine.lfm.new_cache(2, 16)
+        engine.lfm(torch.randn(2, 3, D).bfloat16(), cache)
+        engine.lfm(torch.randn(2, 1, D).bfloat16(), cache)
+        assert calls["n"] == 1
+        cache.lengths[1] -= 1  # ragged rows (the serving engine's batch): torch's masked path
+        engine.lfm(torch.randn(2, 1, D).bfloat16(), cache)
+        assert calls["n"] == 1

@@ -260,6 +260,33 @@ class FastBackbone:
         self.final_norm = lfm.embedding_norm.weight.detach()
         self.eps = lfm.embedding_norm.eps
         self._cos = self._sin = None
+        self.cpu_step = None if exact else self._cpu_step()
+
+    def _cpu_step(self):
+        """The one-position step as one cpu_kernels call, where every weight goes to those kernels."""
+        cfg, first = self.cfg, self.layers[0]
+        if self.final_norm.dtype != torch.bfloat16 or cfg.head_dim % 8 or cfg.conv_L_cache < 2:
+            return None
+        layers = []
+        for layer in self.layers:
+            names = ("qkv" if layer.attention else "in_proj", "out", "w13", "w2")
+            structs = [getattr(layer, name).kernel_struct() for name in names]
+            if None in structs or layer.eps != first.eps or (not layer.attention and layer.conv_taps is None):
+                return None
+            entry = dict(zip(("in", "out", "w13", "w2"), structs), attention=layer.attention,
+                         operator_norm=layer.op_norm.contiguous(), ffn_norm=layer.ffn_norm.contiguous())
+            if layer.attention:
+                entry["qk_norm"] = layer.qk_norm.contiguous()
+            else:
+                entry["conv_taps"] = layer.conv_taps
+            layers.append(entry)
+        qk_eps = {layer.qk_eps for layer in self.layers if layer.attention}
+        if len(qk_eps) > 1 or any(e["operator_norm"].dtype != torch.bfloat16 for e in layers):
+            return None
+        return cpu_kernels.BackboneStep(
+            layers, self.final_norm.contiguous(), heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim, ffn_dim=first.ffn_dim, conv_len=cfg.conv_L_cache, eps=first.eps,
+            qk_eps=qk_eps.pop() if qk_eps else 0.0, keep=[self.layers])
 
     # Attributes Conversation / generate use on `model.lfm`.
     @property
@@ -298,6 +325,14 @@ class FastBackbone:
         end = start + S
         if end > cache.capacity:
             raise RuntimeError(f"cache holds {cache.capacity} positions, {end} needed")
+        if S == 1 and self.cpu_step is not None and _uniform(cache) and cpu_kernels.usable(x[:, 0]):
+            state = self.cpu_step.state(cache)
+            if state is not None:
+                cos, sin = self.rope(start, 1, x.dtype, x.device)
+                out = self.cpu_step(x[:, 0], state, cos[0], sin[0], start, cache.capacity)
+                cache.lengths += 1
+                cache.max_len = end
+                return out.view(B, 1, D)
         if _uniform(cache):
             cos, sin = self.rope(start, S, x.dtype, x.device)  # [S, hd]
             # A single new position sees everything before it; a chunk after history needs the

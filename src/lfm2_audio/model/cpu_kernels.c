@@ -330,3 +330,145 @@ int lfm_depth_step(const Depth *d, int slot, uint16_t *x, float *const *caches, 
     free(work);
     return rc;
 }
+
+/* ---- the backbone's one-position decode step ------------------------------------------------ */
+
+typedef struct {
+    int attention;                         /* 1: grouped-query attention, 0: gated short conv */
+    Linear in, out, w13, w2;               /* in: qkv (attention) or in_proj (conv) */
+    const uint16_t *operator_norm, *ffn_norm; /* bf16 [dim] */
+    const uint16_t *qk_norm;               /* attention: bf16 [heads + kv_heads, head_dim] */
+    const float *conv_taps;                /* conv: fp32 [conv_len, dim], tap i for lag conv_len - 1 - i */
+} BackboneLayer;
+
+typedef struct {
+    int n_layers, dim, heads, kv_heads, head_dim, ffn_dim, conv_len;
+    float eps, qk_eps;
+    const uint16_t *final_norm; /* bf16 [dim] */
+    const BackboneLayer *layers;
+} Backbone;
+
+/* out = bf16(weight * bf16(rms_norm(x))): the backbone's norm, the weight applied in bf16. */
+static void rms_norm_hf(const float *x, const uint16_t *weight, int n, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = round_bf16(bf16_to_float(weight[i]) * round_bf16(x[i] * inv));
+}
+
+/* One query row over `length` cached keys and values (bf16 [length, hd]), fp32 softmax. */
+static void attend_cached(const float *q, const uint16_t *keys, const uint16_t *values, int length, int hd,
+                          float *scores, float *out) {
+    float scale = 1.0f / sqrtf((float)hd), top = -INFINITY, total = 0.0f;
+    for (int t = 0; t < length; t++) {
+        const uint16_t *kt = keys + (long)t * hd;
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), widen_bf16(kt + i), acc);
+        scores[t] = hsum(acc) * scale;
+        top = fmaxf(top, scores[t]);
+    }
+    for (int t = 0; t < length; t++) total += scores[t] = expf(scores[t] - top);
+    for (int i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int t = 0; t < length; t++) {
+        __m256 p = _mm256_set1_ps(scores[t] / total);
+        const uint16_t *vt = values + (long)t * hd;
+        for (int i = 0; i < hd; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, widen_bf16(vt + i), _mm256_loadu_ps(out + i)));
+    }
+}
+
+/* x [rows, dim] bf16 in: the new position's inputs; out: the final norm of the last layer's
+   output. state: per layer, attention: keys, values bf16 [rows, kv_heads, capacity, head_dim];
+   conv: its state bf16 [rows, dim, conv_len - 1], two pointers each (the second unused for conv).
+   Every row is at `position` (0-based) and writes its keys there; cos/sin bf16 [head_dim] are
+   that position's rotary angles. 0, or -1 / -2 as lfm_linear. */
+int lfm_backbone_step(const Backbone *b, uint16_t *x, void *const *state, const uint16_t *cos,
+                      const uint16_t *sin, int position, int capacity, int rows, int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return -1;
+    const int D = b->dim, H = b->heads, KV = b->kv_heads, hd = b->head_dim, F = b->ffn_dim, L = b->conv_len;
+    const int length = position + 1, group = H / KV, half = hd / 2;
+    int widest_in = 0;
+    for (int l = 0; l < b->n_layers; l++) widest_in = widest_in > b->layers[l].in.n ? widest_in : b->layers[l].in.n;
+    size_t per_row = 3 * (size_t)D + widest_in + (size_t)H * hd + 3 * (size_t)F;
+    float *buf = malloc(sizeof(float) * (MAX_ROWS * (per_row + (size_t)H * length)));
+    if (!buf) return -2;
+    float *xf = buf, *h = xf + MAX_ROWS * D, *in = h + MAX_ROWS * D, *mix = in + MAX_ROWS * widest_in;
+    float *ab = mix + MAX_ROWS * (H * hd > D ? H * hd : D), *gated = ab + MAX_ROWS * 2 * F;
+    float *proj = gated + MAX_ROWS * F, *scores = proj + MAX_ROWS * D;
+    int rc = 0;
+    for (long i = 0; i < (long)rows * D; i++) xf[i] = bf16_to_float(x[i]);
+
+    for (int l = 0; l < b->n_layers && !rc; l++) {
+        const BackboneLayer *layer = &b->layers[l];
+        const int nin = layer->in.n;
+        for (int r = 0; r < rows; r++) rms_norm_hf(xf + (long)r * D, layer->operator_norm, D, b->eps, h + (long)r * D);
+        rc = matvec(&layer->in, h, rows, in, threads);
+        for (long i = 0; i < (long)rows * nin; i++) in[i] = round_bf16(in[i]);
+        if (layer->attention) {
+            uint16_t *keys = state[2 * l], *values = state[2 * l + 1];
+            for (int r = 0; r < rows; r++) {
+                float *row = in + (long)r * nin;
+                for (int head = 0; head < H + KV; head++) { /* norm, then rotate-half rotary, in bf16 */
+                    float *v = row + head * hd, normed[hd];
+                    rms_norm_hf(v, layer->qk_norm + (long)head * hd, hd, b->qk_eps, normed);
+                    for (int i = 0; i < hd; i++) {
+                        float rotated = i < half ? -normed[i + half] : normed[i - half];
+                        float c = bf16_to_float(cos[i]), s = bf16_to_float(sin[i]);
+                        v[i] = round_bf16(round_bf16(normed[i] * c) + round_bf16(rotated * s));
+                    }
+                }
+                for (int g = 0; g < KV; g++) {
+                    long at = (((long)r * KV + g) * capacity + position) * hd;
+                    for (int i = 0; i < hd; i++) {
+                        keys[at + i] = float_to_bf16(row[(H + g) * hd + i]);
+                        values[at + i] = float_to_bf16(row[(H + KV + g) * hd + i]);
+                    }
+                }
+            }
+            /* every (row, head) pair attends on its own: parallel for long histories */
+            #pragma omp parallel for schedule(static) num_threads(threads) if (length >= 256)
+            for (int pair = 0; pair < rows * H; pair++) {
+                int r = pair / H, q = pair % H;
+                long base = ((long)r * KV + q / group) * capacity * hd;
+                float o[hd];
+                attend_cached(in + (long)r * nin + q * hd, keys + base, values + base, length, hd,
+                              scores + (long)pair * length, o);
+                for (int i = 0; i < hd; i++) mix[(long)r * H * hd + q * hd + i] = round_bf16(o[i]);
+            }
+            rc = rc ? rc : matvec(&layer->out, mix, rows, proj, threads);
+        } else {
+            uint16_t *conv = state[2 * l];
+            for (int r = 0; r < rows; r++) {
+                const float *bg = in + (long)r * nin, *cg = bg + D, *xv = cg + D;
+                for (int c = 0; c < D; c++) {
+                    uint16_t *s = conv + ((long)r * D + c) * (L - 1);
+                    float u_new = round_bf16(bg[c] * xv[c]);
+                    float v = bf16_to_float(s[0]) * layer->conv_taps[c];
+                    for (int i = 1; i < L - 1; i++) v = v + bf16_to_float(s[i]) * layer->conv_taps[(long)i * D + c];
+                    v = v + u_new * layer->conv_taps[(long)(L - 1) * D + c];
+                    for (int i = 0; i + 1 < L - 1; i++) s[i] = s[i + 1];
+                    s[L - 2] = float_to_bf16(u_new);
+                    mix[(long)r * D + c] = round_bf16(cg[c] * round_bf16(v));
+                }
+            }
+            rc = rc ? rc : matvec(&layer->out, mix, rows, proj, threads);
+        }
+        for (long i = 0; i < (long)rows * D; i++) xf[i] = round_bf16(xf[i] + round_bf16(proj[i]));
+
+        for (int r = 0; r < rows; r++) rms_norm_hf(xf + (long)r * D, layer->ffn_norm, D, b->eps, h + (long)r * D);
+        rc = rc ? rc : matvec(&layer->w13, h, rows, ab, threads);
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < F; i++) {
+                float a = round_bf16(ab[(long)r * 2 * F + i]), g = round_bf16(ab[(long)r * 2 * F + F + i]);
+                gated[(long)r * F + i] = round_bf16(round_bf16(a / (1.0f + expf(-a))) * g);
+            }
+        rc = rc ? rc : matvec(&layer->w2, gated, rows, proj, threads);
+        for (long i = 0; i < (long)rows * D; i++) xf[i] = round_bf16(xf[i] + round_bf16(proj[i]));
+    }
+    for (int r = 0; r < rows && !rc; r++) {
+        rms_norm_hf(xf + (long)r * D, b->final_norm, D, b->eps, h);
+        for (int i = 0; i < D; i++) x[(long)r * D + i] = float_to_bf16(h[i]);
+    }
+    free(buf);
+    return rc;
+}

@@ -76,6 +76,17 @@ class Depth(ctypes.Structure):
     _fields_ += [(name, ctypes.c_void_p) for name in ("cos2", "sin2", "layers", "logits", "head_norm")]
 
 
+class BackboneLayer(ctypes.Structure):
+    _fields_ = [("attention", ctypes.c_int), ("in_", Linear), ("out", Linear), ("w13", Linear), ("w2", Linear)]
+    _fields_ += [(name, ctypes.c_void_p) for name in ("operator_norm", "ffn_norm", "qk_norm", "conv_taps")]
+
+
+class Backbone(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("n_layers", "dim", "heads", "kv_heads", "head_dim", "ffn_dim", "conv_len")]
+    _fields_ += [("eps", ctypes.c_float), ("qk_eps", ctypes.c_float), ("final_norm", ctypes.c_void_p),
+                 ("layers", ctypes.c_void_p)]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run here (see the module docstring)."""
@@ -94,7 +105,8 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.lfm_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.lfm_depth_step.argtypes = [ctypes.POINTER(Depth), ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
-    lib.lfm_linear.restype = lib.lfm_depth_step.restype = ctypes.c_int
+    lib.lfm_backbone_step.argtypes = ([ctypes.POINTER(Backbone)] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4)
+    lib.lfm_linear.restype = lib.lfm_depth_step.restype = lib.lfm_backbone_step.restype = ctypes.c_int
     return lib
 
 
@@ -116,6 +128,8 @@ def _check(rc: int) -> None:
 def _linear(x2, weight, scales32, bias):
     rows, k = x2.shape
     n = weight.shape[0]
+    if weight.shape[1] != k or not (x2.is_contiguous() and weight.is_contiguous()):
+        raise ValueError(f"rows of {k} values against a {tuple(weight.shape)} weight (both contiguous)")
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     _check(library().lfm_linear(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(),
                                 rows, n, k, torch.get_num_threads()))
@@ -172,3 +186,47 @@ class DepthStep:
         _check(library().lfm_depth_step(ctypes.byref(self.depth), slot, x.data_ptr(), self._caches[1],
                                         logits.data_ptr(), x.shape[0], torch.get_num_threads()))
         return logits
+
+
+class BackboneStep:
+    """The backbone's decode step for one new position (every row at the same position) as one
+    call: every layer, then the final norm.
+
+    layers: per layer a dict: "attention" (bool), Linear structs "in" (qkv, or the conv's
+    in_proj), "out", "w13", "w2", bf16 "operator_norm" and "ffn_norm" [dim], and "qk_norm" bf16
+    [heads + kv_heads, head_dim] (attention) or "conv_taps" fp32 [conv_len, dim] (conv).
+    """
+
+    def __init__(self, layers: list[dict], final_norm: torch.Tensor, *, heads: int, kv_heads: int, head_dim: int,
+                 ffn_dim: int, conv_len: int, eps: float, qk_eps: float, keep: list):
+        self._keep = [final_norm, layers, keep]
+        self._layers = (BackboneLayer * len(layers))(*[
+            BackboneLayer(int(l["attention"]), l["in"], l["out"], l["w13"], l["w2"], l["operator_norm"].data_ptr(),
+                          l["ffn_norm"].data_ptr(), _ptr(l.get("qk_norm")), _ptr(l.get("conv_taps")))
+            for l in layers])
+        self.attention = [bool(l["attention"]) for l in layers]
+        self.backbone = Backbone(len(layers), final_norm.shape[0], heads, kv_heads, head_dim, ffn_dim, conv_len,
+                                 eps, qk_eps, final_norm.data_ptr(), ctypes.cast(self._layers, ctypes.c_void_p))
+
+    def state(self, cache) -> ctypes.Array | None:
+        """The cache's buffers in layer order (keys, values / conv state, None), or None where
+        they are not the contiguous bf16 buffers the kernel writes into."""
+        keys, values, conv = iter(cache.keys), iter(cache.values), iter(cache.conv)
+        flat = []
+        for attention in self.attention:
+            pair = (next(keys), next(values)) if attention else (next(conv), None)
+            for t in pair:
+                if t is not None and (t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu"):
+                    return None
+            flat += [_ptr(t) for t in pair]
+        return (ctypes.c_void_p * len(flat))(*flat)
+
+    def __call__(self, x2: torch.Tensor, state: ctypes.Array, cos: torch.Tensor, sin: torch.Tensor, position: int,
+                 capacity: int) -> torch.Tensor:
+        """x2 [rows, dim] bf16: the new position's inputs -> the final norm's output [rows, dim];
+        writes the position's keys and values and moves the conv states on (the caller counts
+        the position in the cache's lengths)."""
+        out = x2.contiguous().clone()
+        _check(library().lfm_backbone_step(ctypes.byref(self.backbone), out.data_ptr(), state, cos.data_ptr(),
+                                           sin.data_ptr(), position, capacity, out.shape[0], torch.get_num_threads()))
+        return out

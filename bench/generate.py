@@ -425,6 +425,9 @@ def main(argv=None) -> int:
     result["compiled"] = fast.cuda_graphs and fast.lfm.kernels.compiled
     result["triton"] = fast.cuda_graphs and fast.depth.fused is not None
     result["pdl"] = result["triton"] and fast.depth.fused.uses_pdl(torch.device(args.device))
+    # decode steps that run as one model/cpu_kernels call (CPU without oneDNN's bf16, or int8)
+    result["cpu_kernel_steps"] = [name for name, part in (("backbone", fast.lfm), ("depth", fast.depth))
+                                  if getattr(part, "cpu_step", None) is not None]
     t = time.perf_counter()
     result["fast"] = measure(fast, prompt, **timing)
     result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9

@@ -104,14 +104,20 @@ def test_switched_off_or_without_a_compiler(monkeypatch):
     assert cpu_kernels.library() is not None
 
 
+def _kernel_engine(quantize):
+    """A bf16 test model (int8 with `quantize`) and the engine over it, weights unprepacked as on
+    a CPU without bf16 arithmetic."""
+    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
+    if quantize:
+        plain = quantize_model(plain, quantize)
+    return plain, FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
     """The bf16 engine without oneDNN prepacking (CPUs without bf16 arithmetic) and the int8
     engine run their one-row products through the kernels, and their decode steps compute the
     plain path's numbers to bf16 rounding."""
-    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
-    if quantize:
-        plain = quantize_model(plain, quantize)
     calls = {"n": 0}
     kernel = cpu_kernels.int8_linear if quantize else cpu_kernels.bf16_linear
 
@@ -120,7 +126,7 @@ def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
         return kernel(*args)
 
     monkeypatch.setattr(cpu_kernels, kernel.__name__, counted)
-    engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+    plain, engine = _kernel_engine(quantize)
     g = torch.Generator().manual_seed(0)
     D = plain.cfg.lfm.hidden_size
     prompt = torch.randn(1, 12, D, generator=g).bfloat16()
@@ -145,10 +151,7 @@ def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
 def test_depthformer_step_in_one_call_matches_the_torch_ops(quantize):
     """The codebook step as one kernel call (every layer, then the head) computes the frame the
     engine's torch ops compute: the same codes, greedy and sampled, and logits to rounding."""
-    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
-    if quantize:
-        plain = quantize_model(plain, quantize)
-    engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+    plain, engine = _kernel_engine(quantize)
     step = engine.depth.cpu_step
     assert step is not None
     h = torch.randn(3, plain.cfg.lfm.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -179,10 +182,7 @@ def test_depthformer_step_only_where_every_weight_fits_the_kernels():
 def test_backbone_step_in_one_call_matches_the_torch_ops(quantize):
     """One new position through every backbone layer as one kernel call: the same outputs, keys,
     values and conv states as the engine's torch ops, to bf16 rounding, for one row and three."""
-    plain = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
-    if quantize:
-        plain = quantize_model(plain, quantize)
-    engine = FastLFM2Audio(copy.deepcopy(plain), prepack=False, threads=0)
+    plain, engine = _kernel_engine(quantize)
     step = engine.lfm.cpu_step
     assert step is not None
     D = plain.cfg.lfm.hidden_size
@@ -209,8 +209,7 @@ def test_backbone_step_in_one_call_matches_the_torch_ops(quantize):
 
 
 def test_backbone_step_falls_back_for_rows_at_different_positions():
-    model = random_model(tiny_config(), dtype=torch.bfloat16, seed=0)
-    engine = FastLFM2Audio(copy.deepcopy(model), prepack=False, threads=0)
+    model, engine = _kernel_engine(None)
     calls = {"n": 0}
     step = engine.lfm.cpu_step
 

@@ -30,7 +30,9 @@
 #include <string.h>
 
 #define MAX_ROWS 4
+#ifndef PREFETCH
 #define PREFETCH 1024
+#endif
 #define INT_BLOCK 1024 /* int8 x int16 sums per int32 lane stay below 2^31 over this many columns */
 
 static inline float hsum(__m256 v) {

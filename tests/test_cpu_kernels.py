@@ -88,8 +88,14 @@ def test_usable_only_for_few_bf16_cpu_rows():
     assert not cpu_kernels.usable(torch.zeros(1, 8))  # fp32 models keep torch's kernels
 
 
-def test_switched_off_or_without_a_compiler(monkeypatch):
+def test_switched_off_or_without_a_compiler(monkeypatch, tmp_path):
     try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("CC", "false")  # a compiler that fails: a warning, then torch's kernels
+        cpu_kernels.library.cache_clear()
+        with pytest.warns(UserWarning, match="CPU decode kernels unavailable"):
+            assert cpu_kernels.library() is None
+        assert not list(tmp_path.glob("lfm2-audio/*"))  # no half-written library left behind
         monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
         cpu_kernels.library.cache_clear()
         assert cpu_kernels.library() is None and not cpu_kernels.usable(torch.zeros(1, 8, dtype=torch.bfloat16))

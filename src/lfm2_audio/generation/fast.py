@@ -329,7 +329,7 @@ class FastBackbone:
             state = self.cpu_step.state(cache)
             if state is not None:
                 cos, sin = self.rope(start, 1, x.dtype, x.device)
-                out = self.cpu_step(x[:, 0], state, cos[0], sin[0], start, cache.capacity)
+                out = self.cpu_step(x[:, 0], state, cos[0], sin[0], start, min(cache.capacity, 2**31 - 1))
                 cache.lengths += 1
                 cache.max_len = end
                 return out.view(B, 1, D)
@@ -524,26 +524,12 @@ class FastDepth:
         B = h.shape[0]
         z = self.depth_linear(h).view(B, self.K, self.dim)
         kv = self._caches(B, z.dtype, z.device)
-        if self.cpu_step is not None and cpu_kernels.usable(z[:, 0]):
-            return self._cpu_frame(z, kv, params, generator, return_logits)
-        H, KV, hd = DEPTH_HEADS, DEPTH_KV_HEADS, self.head_dim
-        x = z[:, 0]
+        in_c = self.cpu_step is not None and cpu_kernels.usable(z[:, 0])
+        step = self.cpu_step if in_c else self._codebook_step
+        x = z[:, 0].clone() if in_c else z[:, 0]  # the C step overwrites its input
         codes, all_logits = [], []
         for k in range(self.K):
-            cos, sin = self.cos2[k], self.sin2[k]
-            for layer, (k_cache, v_cache) in zip(self.layers, kv):
-                qkv = layer.qkv(_rms_liquid(x, layer.op_norm, layer.eps))
-                qk = qkv[:, : (H + KV) * hd].view(B, H + KV, hd)
-                qk = (F.rms_norm(qk.float(), (hd,), None, layer.qk_eps) * layer.qk_norm).to(x.dtype).float()
-                swapped = qk.view(B, H + KV, hd // 2, 2).flip(-1).view(B, H + KV, hd)
-                qk = (qk * cos + swapped * sin).to(x.dtype)
-                k_cache[:, :, k] = qk[:, H:]
-                v_cache[:, :, k] = qkv[:, (H + KV) * hd :].view(B, KV, hd)
-                att = self.attend(qk[:, :H], k_cache[:, :, : k + 1], v_cache[:, :, : k + 1])
-                x = x + layer.out(att)
-                a, b = layer.w13(_rms_liquid(x, layer.ffn_norm, layer.eps)).split(layer.ffn_dim, dim=-1)
-                x = x + layer.w2(F.silu(a) * b)
-            logits = self.heads[k](_rms_liquid(x, self.head_norm[k], self.head_eps))
+            logits = step(k, x, kv)
             if return_logits:
                 all_logits.append(logits)
                 logits = logits.clone()
@@ -556,23 +542,24 @@ class FastDepth:
         frame = torch.stack(codes, dim=1)
         return (frame, torch.stack(all_logits, dim=1)) if return_logits else frame
 
-
-    def _cpu_frame(self, z, kv, params, generator, return_logits):
-        """`frame` with each codebook step one cpu_kernels call; sampling stays here."""
-        x = z[:, 0].clone()
-        codes, all_logits = [], []
-        for k in range(self.K):
-            logits = self.cpu_step(k, x, kv)  # x now holds the last layer's output, unused
-            if return_logits:
-                all_logits.append(logits.clone())
-            if k > 0:
-                logits[:, END_OF_AUDIO] = float("-inf")
-            code = sample(logits, params, generator)
-            codes.append(code)
-            if k + 1 < self.K:
-                x = (z[:, k + 1] + F.embedding(code, self.embed[k])).contiguous()
-        frame = torch.stack(codes, dim=1)
-        return (frame, torch.stack(all_logits, dim=1)) if return_logits else frame
+    def _codebook_step(self, k: int, x: torch.Tensor, kv) -> torch.Tensor:
+        """Slot k's input [B, dim] through every layer (its keys and values into the caches),
+        then codebook k's head: its logits [B, 2049]."""
+        B, H, KV, hd = x.shape[0], DEPTH_HEADS, DEPTH_KV_HEADS, self.head_dim
+        cos, sin = self.cos2[k], self.sin2[k]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv):
+            qkv = layer.qkv(_rms_liquid(x, layer.op_norm, layer.eps))
+            qk = qkv[:, : (H + KV) * hd].view(B, H + KV, hd)
+            qk = (F.rms_norm(qk.float(), (hd,), None, layer.qk_eps) * layer.qk_norm).to(x.dtype).float()
+            swapped = qk.view(B, H + KV, hd // 2, 2).flip(-1).view(B, H + KV, hd)
+            qk = (qk * cos + swapped * sin).to(x.dtype)
+            k_cache[:, :, k] = qk[:, H:]
+            v_cache[:, :, k] = qkv[:, (H + KV) * hd :].view(B, KV, hd)
+            att = self.attend(qk[:, :H], k_cache[:, :, : k + 1], v_cache[:, :, : k + 1])
+            x = x + layer.out(att)
+            a, b = layer.w13(_rms_liquid(x, layer.ffn_norm, layer.eps)).split(layer.ffn_dim, dim=-1)
+            x = x + layer.w2(F.silu(a) * b)
+        return self.heads[k](_rms_liquid(x, self.head_norm[k], self.head_eps))
 
 
 class _AsLinear:

@@ -179,6 +179,8 @@ class DepthStep:
         """x [rows, dim] bf16 contiguous: the slot's input, overwritten with the last layer's
         output; caches: per layer (k, v) fp32 [rows, kv_heads, slots, head_dim]. Returns the
         slot's logits [rows, vocab] bf16."""
+        if not x.is_contiguous():
+            raise ValueError("the depth step overwrites its input in place: pass a contiguous tensor")
         if self._caches[0] is not caches:
             flat = [t.data_ptr() for kv in caches for t in kv]
             self._caches = (caches, (ctypes.c_void_p * len(flat))(*flat))

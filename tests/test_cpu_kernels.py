@@ -234,3 +234,32 @@ def test_backbone_step_falls_back_for_rows_at_different_positions():
         cache.lengths[1] -= 1  # ragged rows (the serving engine's batch): torch's masked path
         engine.lfm(torch.randn(2, 1, D).bfloat16(), cache)
         assert calls["n"] == 1
+
+
+def test_serving_engines_reply_through_the_kernels(tokenizer):
+    """The serving engine, in a thread and in a child process (which builds its own engine and
+    kernels), replies with the C steps as generate() does."""
+    from test_server_engine import features, reference, run_engine, summary
+
+    from lfm2_audio.serving.engine import Engine
+    from lfm2_audio.serving.engine_process import EngineProcess
+    from lfm2_audio.serving.reply import ReplyParams
+
+    plain, engine_model = _kernel_engine("int8")
+    assert engine_model.lfm.cpu_step is not None and engine_model.depth.cpu_step is not None
+    turns, params = [features(plain, 0.8, 220)], ReplyParams(max_new_tokens=30)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the child's count: torch's prefill GEMMs round by their blocking
+    try:
+        _, want = reference(engine_model, tokenizer, turns, params)
+        engine = Engine(engine_model, tokenizer, max_sessions=2, max_context=512).start()
+        try:
+            _, got = run_engine(engine, turns, params)
+        finally:
+            engine.stop()
+        assert summary(got[0]) == summary(want[0]) and any(e.kind == "audio" for e in got[0])
+        with EngineProcess(engine_model, tokenizer, max_sessions=2, max_context=512, threads=1) as child:
+            _, got = run_engine(child, turns, params)
+        assert summary(got[0]) == summary(want[0])
+    finally:
+        torch.set_num_threads(threads)

@@ -1,10 +1,11 @@
 /* CPU decode kernels, AVX2 + FMA: one-row (up to 4 rows) matrix-vector products, and the
-   depthformer's codebook step built on them.
+   depthformer's codebook step and the backbone's one-position step built on them.
 
    Decoding reads every weight once per token for one activation row, so a step's time is the
    weight bytes over memory bandwidth. On a 2-core AVX2 CPU torch's bf16 GEMV streams weights
-   at 10-15 GB/s and its int8 kernel at 8-12 GB/s against ~24 GB/s the memory gives; these loops
-   reach 14-19 GB/s. What makes the difference:
+   at 9-14 GB/s and its int8 kernel at 5-12 GB/s, where a plain read of the memory gets 17-29
+   (it varies with the other tenants); these loops reach 12-18 GB/s (bench/cpu_kernels.py).
+   What makes the difference:
    - one weight row at a time, read front to back in 64-byte steps, with a software prefetch
      PREFETCH bytes ahead: one sequential stream per core keeps the memory busy;
    - bf16 weights widen to fp32 with a shift (bf16 is the top half of an fp32);
@@ -17,8 +18,9 @@
    The depthformer step (lfm_depth_step) runs every layer of one codebook step and that
    codebook's head in one call: 48 layer steps a frame at official size, each ~40 small torch
    ops (norms, rotary, attention over <= 8 slots, residuals) that cost more in dispatch than
-   in arithmetic. It rounds to bf16 where the torch engine's bf16 tensors do, so the two agree
-   to the order of fp32 sums.
+   in arithmetic. The backbone step (lfm_backbone_step) does the same for one new position of
+   every layer: ~25 ops a layer, 16 layers. Both round to bf16 where the torch engine's bf16
+   tensors do, so the two agree to the order of fp32 sums.
 
    Rows of each product are split across `threads` OpenMP threads. Loaded after torch, the
    library shares torch's OpenMP runtime (same SONAME), so there is one thread pool, not two. */

@@ -115,7 +115,7 @@ class FusedLinear:
             raise ValueError(f"cannot fuse linears of different kinds: {kinds}")
         self.quantized = kinds.pop()  # None, "int8" or "int4"
         self._packed = None
-        self._gemv = False
+        self._bf16_kernel = False
         if self.quantized == "int4":
             self.weight = _concat_into(modules, "weight")  # the kernel's packed rows
             self.sz = torch.cat([m.scales_and_zeros for m in modules], dim=1)
@@ -134,9 +134,8 @@ class FusedLinear:
         self.weight = _concat_into(modules, "weight", rewrite=not prepack)
         self.bytes = self.weight.numel() * self.weight.element_size()
         # One-row bf16 products where oneDNN cannot prepack go to cpu_kernels (decoding's bulk).
-        self._gemv = (not prepack and not exact and self.weight.dtype == torch.bfloat16
-                      and self.weight.device.type == "cpu" and self.weight.is_contiguous()
-                      and (self.bias is None or self.bias.dtype == torch.bfloat16))
+        self._bf16_kernel = (not prepack and not exact and self.weight.dtype == torch.bfloat16
+                             and self.weight.device.type == "cpu" and self.weight.is_contiguous())
         if prepack:
             # batch_size=1: the layout for GEMV; other row counts (prefill) still work.
             self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
@@ -144,13 +143,12 @@ class FusedLinear:
 
     def kernel_struct(self):
         """This weight as cpu_kernels sees it, or None where those kernels do not take it."""
-        if self.bias is not None or self.weight is None or self.weight.device.type != "cpu":
+        if (self.bias is not None or self.weight is None or self.weight.device.type != "cpu"
+                or cpu_kernels.library() is None):
             return None
-        if self.quantized == "int8" and not self.dynamic and cpu_kernels.library() is not None:
+        if self.quantized == "int8" and not self.dynamic:
             return cpu_kernels.linear_struct(self.weight, self._scales32)
-        if self._gemv and cpu_kernels.library() is not None:
-            return cpu_kernels.linear_struct(self.weight)
-        return None
+        return cpu_kernels.linear_struct(self.weight) if self._bf16_kernel else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in] (2-D: callers flatten) -> [rows, out]."""
@@ -164,7 +162,7 @@ class FusedLinear:
         if self.quantized:
             if self.dynamic:
                 return int8_dynamic_linear(x, self.weight, self._scales127, self.bias)
-            if cpu_kernels.usable(x) and (self.bias is None or self.bias.dtype == x.dtype):
+            if cpu_kernels.usable(x, self.bias):
                 return cpu_kernels.int8_linear(x.contiguous(), self.weight, self._scales32, self.bias)
             if use_int8_gemv(x):
                 scales = self._gemv_scales.get(x.dtype)
@@ -173,7 +171,7 @@ class FusedLinear:
                 y = torch.ops.aten._weight_int8pack_mm(x, self.weight, scales)
                 return y if self.bias is None else y + self.bias
             return int8_linear(x, self.weight, self.scales, self.bias)
-        if self._gemv and cpu_kernels.usable(x):
+        if self._bf16_kernel and cpu_kernels.usable(x, self.bias):
             return cpu_kernels.bf16_linear(x.contiguous(), self.weight, self.bias)
         if not self.exact and matmul_dtype(x) != x.dtype:
             return converted_linear(x, self.weight, bias=self.bias)
@@ -271,7 +269,8 @@ class FastBackbone:
         for layer in self.layers:
             names = ("qkv" if layer.attention else "in_proj", "out", "w13", "w2")
             structs = [getattr(layer, name).kernel_struct() for name in names]
-            if None in structs or layer.eps != first.eps or (not layer.attention and layer.conv_taps is None):
+            if (None in structs or layer.eps != first.eps or layer.op_norm.dtype != torch.bfloat16
+                    or (not layer.attention and layer.conv_taps is None)):
                 return None
             entry = dict(zip(("in", "out", "w13", "w2"), structs), attention=layer.attention,
                          operator_norm=layer.op_norm.contiguous(), ffn_norm=layer.ffn_norm.contiguous())
@@ -281,7 +280,7 @@ class FastBackbone:
                 entry["conv_taps"] = layer.conv_taps
             layers.append(entry)
         qk_eps = {layer.qk_eps for layer in self.layers if layer.attention}
-        if len(qk_eps) > 1 or any(e["operator_norm"].dtype != torch.bfloat16 for e in layers):
+        if len(qk_eps) > 1:
             return None
         return cpu_kernels.BackboneStep(
             layers, self.final_norm.contiguous(), heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,

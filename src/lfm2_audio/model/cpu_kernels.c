@@ -212,6 +212,47 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
     return rc;
 }
 
+/* ---- pieces of both steps -------------------------------------------------------------------- */
+
+/* 1 / rms(x) over n values, in fp32 (torch's rms_norm of an fp32 tensor). */
+static inline float inv_rms(const float *x, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    return 1.0f / sqrtf(ss / n + eps);
+}
+
+/* x = bf16(x + bf16(proj)) over n values: a residual add of two bf16 tensors. */
+static void add_residual(float *x, const float *proj, long n) {
+    for (long i = 0; i < n; i++) x[i] = round_bf16(x[i] + round_bf16(proj[i]));
+}
+
+/* The feed-forward's gate in bf16: gated [rows, F] = silu(a) * b for the halves a, b of each
+   row of ab [rows, 2 F] (w1's and w3's outputs), every op rounded as torch's bf16 ops round. */
+static void silu_gate(const float *ab, int rows, int F, float *gated) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < F; i++) {
+            float a = round_bf16(ab[(long)r * 2 * F + i]), b = round_bf16(ab[(long)r * 2 * F + F + i]);
+            gated[(long)r * F + i] = round_bf16(round_bf16(a / (1.0f + expf(-a))) * b);
+        }
+}
+
+/* x [rows, dim] += bf16(in @ L.T): a projection added to the residual stream. 0, or matvec's error. */
+static int project_add(const Linear *L, const float *in, int rows, float *proj, float *x, int threads) {
+    int rc = matvec(L, in, rows, proj, threads);
+    if (!rc) add_residual(x, proj, (long)rows * L->n);
+    return rc;
+}
+
+/* The gated feed-forward on normed rows h [rows, dim], added to x; ab [rows, 2 F], gated
+   [rows, F] and proj [rows, dim] are scratch. 0, or matvec's error. */
+static int feed_forward(const Linear *w13, const Linear *w2, const float *h, int rows, float *ab, float *gated,
+                        float *proj, float *x, int threads) {
+    int rc = matvec(w13, h, rows, ab, threads);
+    if (rc) return rc;
+    silu_gate(ab, rows, w2->k, gated);
+    return project_add(w2, gated, rows, proj, x, threads);
+}
+
 /* ---- the depthformer's codebook step -------------------------------------------------------- */
 
 typedef struct {
@@ -231,23 +272,24 @@ typedef struct {
 
 /* out = bf16(rms_norm(x) * weight) over n values, the norm in fp32. */
 static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
-    float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float inv = 1.0f / sqrtf(ss / n + eps);
+    float inv = inv_rms(x, n, eps);
     for (int i = 0; i < n; i++) out[i] = round_bf16(x[i] * inv * weight[i]);
 }
 
-static void depth_layer(const Depth *d, const DepthLayer *L, int slot, float *x, float *k_cache, float *v_cache,
-                        int rows, float *work, int threads) {
+/* One layer of the codebook step over x [rows, dim] (fp32 holding bf16 values), in place.
+   0, or matvec's error. */
+static int depth_layer(const Depth *d, const DepthLayer *L, int slot, float *x, float *k_cache, float *v_cache,
+                       int rows, float *work, int threads) {
     const int D = d->dim, H = d->heads, KV = d->kv_heads, hd = d->head_dim, S = d->slots, F = d->ffn_dim;
     const int nqkv = L->qkv.n, group = H / KV;
     /* work: the layout lfm_depth_step sizes (per row: D + widest qkv + H * hd + 3 F + D) */
     float *h = work, *qkv = h + MAX_ROWS * D, *att = qkv + MAX_ROWS * nqkv, *ab = att + MAX_ROWS * H * hd;
     float *gated = ab + MAX_ROWS * 2 * F, *proj = gated + MAX_ROWS * F;
     const float *cos2 = d->cos2 + (long)slot * hd, *sin2 = d->sin2 + (long)slot * hd;
+    int rc;
 
     for (int r = 0; r < rows; r++) rms_norm(x + (long)r * D, L->operator_norm, D, d->eps, h + (long)r * D);
-    matvec(&L->qkv, h, rows, qkv, threads);
+    if ((rc = matvec(&L->qkv, h, rows, qkv, threads))) return rc;
     for (int r = 0; r < rows; r++) {
         float *row = qkv + (long)r * nqkv;
         for (int i = 0; i < nqkv; i++) row[i] = round_bf16(row[i]);
@@ -288,19 +330,9 @@ static void depth_layer(const Depth *d, const DepthLayer *L, int slot, float *x,
             }
         }
     }
-    matvec(&L->out, att, rows, proj, threads);
-    for (long i = 0; i < (long)rows * D; i++) x[i] = round_bf16(x[i] + round_bf16(proj[i]));
-
+    if ((rc = project_add(&L->out, att, rows, proj, x, threads))) return rc;
     for (int r = 0; r < rows; r++) rms_norm(x + (long)r * D, L->ffn_norm, D, d->eps, h + (long)r * D);
-    matvec(&L->w13, h, rows, ab, threads);
-    for (int r = 0; r < rows; r++)
-        for (int i = 0; i < F; i++) {
-            float a = round_bf16(ab[(long)r * 2 * F + i]), b = round_bf16(ab[(long)r * 2 * F + F + i]);
-            float silu = round_bf16(a / (1.0f + expf(-a)));
-            gated[(long)r * F + i] = round_bf16(silu * b);
-        }
-    matvec(&L->w2, gated, rows, proj, threads);
-    for (long i = 0; i < (long)rows * D; i++) x[i] = round_bf16(x[i] + round_bf16(proj[i]));
+    return feed_forward(&L->w13, &L->w2, h, rows, ab, gated, proj, x, threads);
 }
 
 /* One codebook step for `rows` rows: x [rows, dim] bf16 in (the slot's input) and out (the last
@@ -323,13 +355,17 @@ int lfm_depth_step(const Depth *d, int slot, uint16_t *x, float *const *caches, 
         return -2;
     }
     for (long i = 0; i < (long)rows * D; i++) xf[i] = bf16_to_float(x[i]);
-    for (int l = 0; l < d->n_layers; l++)
-        depth_layer(d, &d->layers[l], slot, xf, caches[2 * l], caches[2 * l + 1], rows, work, threads);
-    for (long i = 0; i < (long)rows * D; i++) x[i] = float_to_bf16(xf[i]);
-    for (int r = 0; r < rows; r++) rms_norm(xf + (long)r * D, d->head_norm[slot], D, d->head_eps, work + (long)r * D);
-    float *y = work + MAX_ROWS * D;
-    int rc = matvec(head, work, rows, y, threads);
-    for (long i = 0; i < (long)rows * head->n; i++) logits[i] = float_to_bf16(y[i]);
+    int rc = 0;
+    for (int l = 0; l < d->n_layers && !rc; l++)
+        rc = depth_layer(d, &d->layers[l], slot, xf, caches[2 * l], caches[2 * l + 1], rows, work, threads);
+    if (!rc) {
+        for (long i = 0; i < (long)rows * D; i++) x[i] = float_to_bf16(xf[i]);
+        for (int r = 0; r < rows; r++)
+            rms_norm(xf + (long)r * D, d->head_norm[slot], D, d->head_eps, work + (long)r * D);
+        float *y = work + MAX_ROWS * D;
+        rc = matvec(head, work, rows, y, threads);
+        for (long i = 0; !rc && i < (long)rows * head->n; i++) logits[i] = float_to_bf16(y[i]);
+    }
     free(xf);
     free(work);
     return rc;
@@ -354,9 +390,7 @@ typedef struct {
 
 /* out = bf16(weight * bf16(rms_norm(x))): the backbone's norm, the weight applied in bf16. */
 static void rms_norm_hf(const float *x, const uint16_t *weight, int n, float eps, float *out) {
-    float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    float inv = 1.0f / sqrtf(ss / n + eps);
+    float inv = inv_rms(x, n, eps);
     for (int i = 0; i < n; i++) out[i] = round_bf16(bf16_to_float(weight[i]) * round_bf16(x[i] * inv));
 }
 
@@ -381,6 +415,74 @@ static void attend_cached(const float *q, const uint16_t *keys, const uint16_t *
     }
 }
 
+/* One layer of the one-position step over x [rows, dim] (fp32 holding bf16 values), in place;
+   keys, values or the conv state of layer l in state[2 l], state[2 l + 1]. `work`: the layout
+   lfm_backbone_step sizes. 0, or matvec's error. */
+static int backbone_layer(const Backbone *b, const BackboneLayer *layer, void *const *state, const uint16_t *cos,
+                          const uint16_t *sin, int position, int capacity, float *x, int rows, float *work,
+                          int widest_in, int threads) {
+    const int D = b->dim, H = b->heads, KV = b->kv_heads, hd = b->head_dim, F = b->ffn_dim, L = b->conv_len;
+    const int length = position + 1, group = H / KV, half = hd / 2, nin = layer->in.n;
+    float *h = work, *in = h + MAX_ROWS * D, *mix = in + MAX_ROWS * widest_in;
+    float *ab = mix + MAX_ROWS * (H * hd > D ? H * hd : D), *gated = ab + MAX_ROWS * 2 * F;
+    float *proj = gated + MAX_ROWS * F, *scores = proj + MAX_ROWS * D;
+    int rc;
+
+    for (int r = 0; r < rows; r++) rms_norm_hf(x + (long)r * D, layer->operator_norm, D, b->eps, h + (long)r * D);
+    if ((rc = matvec(&layer->in, h, rows, in, threads))) return rc;
+    for (long i = 0; i < (long)rows * nin; i++) in[i] = round_bf16(in[i]);
+    if (layer->attention) {
+        uint16_t *keys = state[0], *values = state[1];
+        for (int r = 0; r < rows; r++) {
+            float *row = in + (long)r * nin;
+            for (int head = 0; head < H + KV; head++) { /* norm, then rotate-half rotary, in bf16 */
+                float *v = row + head * hd, normed[hd];
+                rms_norm_hf(v, layer->qk_norm + (long)head * hd, hd, b->qk_eps, normed);
+                for (int i = 0; i < hd; i++) {
+                    float rotated = i < half ? -normed[i + half] : normed[i - half];
+                    float c = bf16_to_float(cos[i]), s = bf16_to_float(sin[i]);
+                    v[i] = round_bf16(round_bf16(normed[i] * c) + round_bf16(rotated * s));
+                }
+            }
+            for (int g = 0; g < KV; g++) {
+                long at = (((long)r * KV + g) * capacity + position) * hd;
+                for (int i = 0; i < hd; i++) {
+                    keys[at + i] = float_to_bf16(row[(H + g) * hd + i]);
+                    values[at + i] = float_to_bf16(row[(H + KV + g) * hd + i]);
+                }
+            }
+        }
+        /* every (row, head) pair attends on its own: parallel for long histories */
+        #pragma omp parallel for schedule(static) num_threads(threads) if (length >= 256)
+        for (int pair = 0; pair < rows * H; pair++) {
+            int r = pair / H, q = pair % H;
+            long base = ((long)r * KV + q / group) * capacity * hd;
+            float o[hd];
+            attend_cached(in + (long)r * nin + q * hd, keys + base, values + base, length, hd,
+                          scores + (long)pair * length, o);
+            for (int i = 0; i < hd; i++) mix[(long)r * H * hd + q * hd + i] = round_bf16(o[i]);
+        }
+    } else {
+        uint16_t *conv = state[0];
+        for (int r = 0; r < rows; r++) {
+            const float *bg = in + (long)r * nin, *cg = bg + D, *xv = cg + D;
+            for (int c = 0; c < D; c++) {
+                uint16_t *s = conv + ((long)r * D + c) * (L - 1);
+                float u_new = round_bf16(bg[c] * xv[c]);
+                float v = bf16_to_float(s[0]) * layer->conv_taps[c];
+                for (int i = 1; i < L - 1; i++) v = v + bf16_to_float(s[i]) * layer->conv_taps[(long)i * D + c];
+                v = v + u_new * layer->conv_taps[(long)(L - 1) * D + c];
+                for (int i = 0; i + 1 < L - 1; i++) s[i] = s[i + 1];
+                s[L - 2] = float_to_bf16(u_new);
+                mix[(long)r * D + c] = round_bf16(cg[c] * round_bf16(v));
+            }
+        }
+    }
+    if ((rc = project_add(&layer->out, mix, rows, proj, x, threads))) return rc;
+    for (int r = 0; r < rows; r++) rms_norm_hf(x + (long)r * D, layer->ffn_norm, D, b->eps, h + (long)r * D);
+    return feed_forward(&layer->w13, &layer->w2, h, rows, ab, gated, proj, x, threads);
+}
+
 /* x [rows, dim] bf16 in: the new position's inputs; out: the final norm of the last layer's
    output. state: per layer, attention: keys, values bf16 [rows, kv_heads, capacity, head_dim];
    conv: its state bf16 [rows, dim, conv_len - 1], two pointers each (the second unused for conv).
@@ -389,90 +491,23 @@ static void attend_cached(const float *q, const uint16_t *keys, const uint16_t *
 int lfm_backbone_step(const Backbone *b, uint16_t *x, void *const *state, const uint16_t *cos,
                       const uint16_t *sin, int position, int capacity, int rows, int threads) {
     if (rows < 1 || rows > MAX_ROWS) return -1;
-    const int D = b->dim, H = b->heads, KV = b->kv_heads, hd = b->head_dim, F = b->ffn_dim, L = b->conv_len;
-    const int length = position + 1, group = H / KV, half = hd / 2;
+    const int D = b->dim, H = b->heads, hd = b->head_dim, F = b->ffn_dim, length = position + 1;
     int widest_in = 0;
     for (int l = 0; l < b->n_layers; l++) widest_in = widest_in > b->layers[l].in.n ? widest_in : b->layers[l].in.n;
-    size_t per_row = 3 * (size_t)D + widest_in + (size_t)H * hd + 3 * (size_t)F;
-    float *buf = malloc(sizeof(float) * (MAX_ROWS * (per_row + (size_t)H * length)));
-    if (!buf) return -2;
-    float *xf = buf, *h = xf + MAX_ROWS * D, *in = h + MAX_ROWS * D, *mix = in + MAX_ROWS * widest_in;
-    float *ab = mix + MAX_ROWS * (H * hd > D ? H * hd : D), *gated = ab + MAX_ROWS * 2 * F;
-    float *proj = gated + MAX_ROWS * F, *scores = proj + MAX_ROWS * D;
+    /* per row: x, h, in, mix, ab, gated, proj, then the attention scores */
+    size_t per_row = 3 * (size_t)D + widest_in + (size_t)(H * hd > D ? H * hd : D) + 3 * (size_t)F;
+    float *xf = malloc(sizeof(float) * (MAX_ROWS * (per_row + (size_t)H * length)));
+    if (!xf) return -2;
+    float *work = xf + MAX_ROWS * D;
     int rc = 0;
     for (long i = 0; i < (long)rows * D; i++) xf[i] = bf16_to_float(x[i]);
-
-    for (int l = 0; l < b->n_layers && !rc; l++) {
-        const BackboneLayer *layer = &b->layers[l];
-        const int nin = layer->in.n;
-        for (int r = 0; r < rows; r++) rms_norm_hf(xf + (long)r * D, layer->operator_norm, D, b->eps, h + (long)r * D);
-        rc = matvec(&layer->in, h, rows, in, threads);
-        for (long i = 0; i < (long)rows * nin; i++) in[i] = round_bf16(in[i]);
-        if (layer->attention) {
-            uint16_t *keys = state[2 * l], *values = state[2 * l + 1];
-            for (int r = 0; r < rows; r++) {
-                float *row = in + (long)r * nin;
-                for (int head = 0; head < H + KV; head++) { /* norm, then rotate-half rotary, in bf16 */
-                    float *v = row + head * hd, normed[hd];
-                    rms_norm_hf(v, layer->qk_norm + (long)head * hd, hd, b->qk_eps, normed);
-                    for (int i = 0; i < hd; i++) {
-                        float rotated = i < half ? -normed[i + half] : normed[i - half];
-                        float c = bf16_to_float(cos[i]), s = bf16_to_float(sin[i]);
-                        v[i] = round_bf16(round_bf16(normed[i] * c) + round_bf16(rotated * s));
-                    }
-                }
-                for (int g = 0; g < KV; g++) {
-                    long at = (((long)r * KV + g) * capacity + position) * hd;
-                    for (int i = 0; i < hd; i++) {
-                        keys[at + i] = float_to_bf16(row[(H + g) * hd + i]);
-                        values[at + i] = float_to_bf16(row[(H + KV + g) * hd + i]);
-                    }
-                }
-            }
-            /* every (row, head) pair attends on its own: parallel for long histories */
-            #pragma omp parallel for schedule(static) num_threads(threads) if (length >= 256)
-            for (int pair = 0; pair < rows * H; pair++) {
-                int r = pair / H, q = pair % H;
-                long base = ((long)r * KV + q / group) * capacity * hd;
-                float o[hd];
-                attend_cached(in + (long)r * nin + q * hd, keys + base, values + base, length, hd,
-                              scores + (long)pair * length, o);
-                for (int i = 0; i < hd; i++) mix[(long)r * H * hd + q * hd + i] = round_bf16(o[i]);
-            }
-            rc = rc ? rc : matvec(&layer->out, mix, rows, proj, threads);
-        } else {
-            uint16_t *conv = state[2 * l];
-            for (int r = 0; r < rows; r++) {
-                const float *bg = in + (long)r * nin, *cg = bg + D, *xv = cg + D;
-                for (int c = 0; c < D; c++) {
-                    uint16_t *s = conv + ((long)r * D + c) * (L - 1);
-                    float u_new = round_bf16(bg[c] * xv[c]);
-                    float v = bf16_to_float(s[0]) * layer->conv_taps[c];
-                    for (int i = 1; i < L - 1; i++) v = v + bf16_to_float(s[i]) * layer->conv_taps[(long)i * D + c];
-                    v = v + u_new * layer->conv_taps[(long)(L - 1) * D + c];
-                    for (int i = 0; i + 1 < L - 1; i++) s[i] = s[i + 1];
-                    s[L - 2] = float_to_bf16(u_new);
-                    mix[(long)r * D + c] = round_bf16(cg[c] * round_bf16(v));
-                }
-            }
-            rc = rc ? rc : matvec(&layer->out, mix, rows, proj, threads);
-        }
-        for (long i = 0; i < (long)rows * D; i++) xf[i] = round_bf16(xf[i] + round_bf16(proj[i]));
-
-        for (int r = 0; r < rows; r++) rms_norm_hf(xf + (long)r * D, layer->ffn_norm, D, b->eps, h + (long)r * D);
-        rc = rc ? rc : matvec(&layer->w13, h, rows, ab, threads);
-        for (int r = 0; r < rows; r++)
-            for (int i = 0; i < F; i++) {
-                float a = round_bf16(ab[(long)r * 2 * F + i]), g = round_bf16(ab[(long)r * 2 * F + F + i]);
-                gated[(long)r * F + i] = round_bf16(round_bf16(a / (1.0f + expf(-a))) * g);
-            }
-        rc = rc ? rc : matvec(&layer->w2, gated, rows, proj, threads);
-        for (long i = 0; i < (long)rows * D; i++) xf[i] = round_bf16(xf[i] + round_bf16(proj[i]));
-    }
+    for (int l = 0; l < b->n_layers && !rc; l++)
+        rc = backbone_layer(b, &b->layers[l], state + 2 * l, cos, sin, position, capacity, xf, rows, work,
+                            widest_in, threads);
     for (int r = 0; r < rows && !rc; r++) {
-        rms_norm_hf(xf + (long)r * D, b->final_norm, D, b->eps, h);
-        for (int i = 0; i < D; i++) x[(long)r * D + i] = float_to_bf16(h[i]);
+        rms_norm_hf(xf + (long)r * D, b->final_norm, D, b->eps, work);
+        for (int i = 0; i < D; i++) x[(long)r * D + i] = float_to_bf16(work[i]);
     }
-    free(buf);
+    free(xf);
     return rc;
 }

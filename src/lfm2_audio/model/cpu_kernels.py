@@ -2,11 +2,12 @@
 
 A decode step multiplies one to a few activation rows by every weight matrix, so it is bound by
 how fast the weights stream from memory. On a 2-core AVX2 CPU torch's bf16 GEMV and its int8
-kernel reach about half of the memory bandwidth; the loops in cpu_kernels.c reach 60-80% of it
-(the file says how). The fast engine uses them for bf16 weights that oneDNN cannot prepack
-(CPUs without bf16 arithmetic) and for int8 weights on any x86 CPU with AVX2: each one-row
-product (`bf16_linear`, `int8_linear`), and the depthformer's codebook step as one call
-(`DepthStep`: every layer and the head, in place of ~250 small torch ops).
+kernel reach about half of the memory bandwidth; the loops in cpu_kernels.c stream as fast as a
+plain read (the file says how). The fast engine uses them for bf16 weights that oneDNN cannot
+prepack (CPUs without bf16 arithmetic) and for int8 weights on any x86 CPU with AVX2: each
+one-row product (`bf16_linear`, `int8_linear`), the depthformer's codebook step as one call
+(`DepthStep`: every layer and the head, in place of ~250 small torch ops), and the backbone's
+one-position step as one call (`BackboneStep`: every layer and the final norm, ~400 ops).
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is
 needed (about a second; the file and flags name the library, so an edit rebuilds it). No
@@ -110,10 +111,10 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def usable(x2: torch.Tensor) -> bool:
-    """Whether these activation rows [rows, K] go to the kernels here."""
+def usable(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether these activation rows [rows, K] (and this bias) go to the kernels here."""
     return (x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and 0 < x2.shape[0] <= MAX_ROWS
-            and library() is not None)
+            and (bias is None or bias.dtype == torch.bfloat16) and library() is not None)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -162,11 +163,10 @@ class DepthStep:
     def __init__(self, layers: list[dict], heads: list[Linear], head_norms: list[torch.Tensor], cos2, sin2, *,
                  heads_q: int, kv_heads: int, ffn_dim: int, eps: float, qk_eps: float, head_eps: float, keep: list):
         dim = head_norms[0].shape[0]
-        self._keep = [cos2, sin2, head_norms, keep]
+        self._keep = [cos2, sin2, head_norms, layers, keep]
         self._layers = (DepthLayer * len(layers))(*[
             DepthLayer(l["qkv"], l["out"], l["w13"], l["w2"], l["operator_norm"].data_ptr(), l["ffn_norm"].data_ptr(),
                        l["qk_norm"].data_ptr()) for l in layers])
-        self._keep.append([(l["operator_norm"], l["ffn_norm"], l["qk_norm"]) for l in layers])
         self._heads = (Linear * len(heads))(*heads)
         self._head_norms = (ctypes.c_void_p * len(head_norms))(*[t.data_ptr() for t in head_norms])
         self.depth = Depth(len(layers), dim, heads_q, kv_heads, cos2.shape[1], cos2.shape[0], ffn_dim,
@@ -228,7 +228,7 @@ class BackboneStep:
         """x2 [rows, dim] bf16: the new position's inputs -> the final norm's output [rows, dim];
         writes the position's keys and values and moves the conv states on (the caller counts
         the position in the cache's lengths)."""
-        out = x2.contiguous().clone()
+        out = x2.clone(memory_format=torch.contiguous_format)  # the kernel writes its result over it
         _check(library().lfm_backbone_step(ctypes.byref(self.backbone), out.data_ptr(), state, cos.data_ptr(),
                                            sin.data_ptr(), position, capacity, out.shape[0], torch.get_num_threads()))
         return out

@@ -120,7 +120,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: to
     """x [..., K] @ (q * scales[:, None]).T (+ bias) with the fastest kernel for the shape."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if cpu_kernels.usable(x2) and (bias is None or bias.dtype == x2.dtype):
+    if cpu_kernels.usable(x2, bias):
         return cpu_kernels.int8_linear(x2.contiguous(), q, scales.float(), bias).reshape(*lead, q.shape[0])
     if use_int8_gemv(x2):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scales.to(x2.dtype))

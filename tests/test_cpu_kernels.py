@@ -84,8 +84,47 @@ def test_non_finite_rows_give_nan_and_leave_other_rows_alone():
 
 def test_usable_only_for_few_bf16_cpu_rows():
     assert cpu_kernels.usable(torch.zeros(4, 8, dtype=torch.bfloat16))
-    assert not cpu_kernels.usable(torch.zeros(5, 8, dtype=torch.bfloat16))  # prefill: torch's GEMM
+    assert not cpu_kernels.usable(torch.zeros(5, 8, dtype=torch.bfloat16))  # prefill: the GEMM
     assert not cpu_kernels.usable(torch.zeros(1, 8))  # fp32 models keep torch's kernels
+    assert cpu_kernels.gemm_usable(torch.zeros(5, 16, dtype=torch.bfloat16))
+    assert not cpu_kernels.gemm_usable(torch.zeros(4, 16, dtype=torch.bfloat16))  # the one-row kernels
+    assert not cpu_kernels.gemm_usable(torch.zeros(5, 24, dtype=torch.bfloat16))  # whole 16-column steps only
+    assert not cpu_kernels.gemm_usable(torch.zeros(5, 16, dtype=torch.bfloat16), torch.zeros(3))  # fp32 bias
+
+
+# (activation rows, weight rows, columns): whole 3 x 4 tiles and every kind of edge (1-2 rows
+# left, 1-3 weight rows left); 73 rows x 2048 columns take several blocks of columns (the sums
+# carried between blocks), 5 rows x 8192 one block.
+GEMM_SHAPES = [(5, 7, 32), (6, 8, 16), (7, 2049, 64), (73, 30, 2048), (100, 13, 1024), (5, 9, 8192)]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_equals_fp32_product_rounded_once(with_bias):
+    g = torch.Generator().manual_seed(7)
+    for rows, n, k in GEMM_SHAPES:
+        w = torch.randn(n, k, generator=g).bfloat16()
+        x = torch.randn(rows, k, generator=g).bfloat16()
+        bias = torch.randn(n, generator=g).bfloat16() if with_bias else None
+        got = cpu_kernels.gemm(x, w, bias=bias)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+        torch.testing.assert_close(got.float(), _reference(x, w, bias), rtol=BF16_ULP, atol=1e-4 * k ** 0.5)
+        q, s = quantize_int8(w.float())
+        got = cpu_kernels.gemm(x, q, s.float(), bias)  # int8: exact in fp32, the scale on the sum
+        torch.testing.assert_close(got.float(), _reference(x, dequantize_int8(q, s), bias), rtol=BF16_ULP,
+                                   atol=1e-4 * k ** 0.5)
+
+
+def test_gemm_rows_are_independent_and_nan_stays_in_its_row():
+    w = torch.randn(12, 64).bfloat16()
+    x = torch.randn(9, 64).bfloat16()
+    whole = cpu_kernels.gemm(x, w)
+    for r in range(5, 9):  # a row's result does not depend on which tile it lands in
+        torch.testing.assert_close(cpu_kernels.gemm(x[:r + 1], w)[:r + 1], whole[:r + 1], rtol=BF16_ULP, atol=1e-3)
+    x[2, 7] = float("nan")
+    got = cpu_kernels.gemm(x, w)
+    assert torch.isnan(got[2]).all() and not torch.isnan(got[torch.arange(9) != 2]).any()
+    with pytest.raises(ValueError, match="16 columns"):
+        cpu_kernels.gemm(torch.zeros(5, 24, dtype=torch.bfloat16), torch.zeros(3, 24, dtype=torch.bfloat16))
 
 
 def test_switched_off_or_without_a_compiler(monkeypatch, tmp_path):

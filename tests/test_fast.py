@@ -11,6 +11,7 @@ from lfm2_audio.config import END_OF_AUDIO
 from lfm2_audio.generation.fast import FastLFM2Audio, can_prepack
 from lfm2_audio.generation.generate import generate
 from lfm2_audio.generation.sampling import Sampling
+from lfm2_audio.model import cpu_kernels
 from lfm2_audio.model.lfm2_audio import random_model
 from lfm2_audio.model.quantize import (
     Int4Linear,
@@ -147,21 +148,25 @@ def test_fast_bf16_prepacked():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_wide_half_matmuls_run_in_fp32_without_half_arithmetic(monkeypatch, native):
-    """On a CPU without bf16 arithmetic, 16+ rows of a bf16 matmul (prefill) convert the weight and
-    run in fp32; fewer rows, exact engines and CPUs with bf16 arithmetic keep torch's bf16 op."""
+    """On a CPU without bf16 arithmetic, many rows of a bf16 matmul (prefill) run in fp32: the
+    weight widened by cpu_kernels' GEMM (more than 4 rows), or converted for oneDNN (16+ rows, where
+    the kernels cannot build); fewer rows, exact engines and CPUs with bf16 arithmetic keep torch's
+    bf16 op."""
     from lfm2_audio.generation.fast import FusedLinear
     from lfm2_audio.model import quantize
 
     monkeypatch.setattr(quantize, "native_half", lambda dtype: native)
     lin = torch.nn.Linear(64, 40).to(torch.bfloat16)
     fast, exact = FusedLinear([lin], prepack=False), FusedLinear([lin], prepack=False, exact=True)
-    for rows in (1, 15, 16, 30):
+    kernels = cpu_kernels.library() is not None
+    for rows in (1, 5, 15, 16, 30):
         x = torch.randn(rows, 64).to(torch.bfloat16)
         wide = rows >= quantize.WIDE_ROWS and not native
         assert quantize.matmul_dtype(x) == (torch.float32 if wide else torch.bfloat16)
+        assert quantize.use_cpu_gemm(x) == (kernels and rows > cpu_kernels.MAX_ROWS and not native)
         bf16 = F.linear(x, lin.weight, lin.bias)
         fp32 = (x.float() @ lin.weight.float().T + lin.bias.float()).to(torch.bfloat16)
-        if wide:  # fp32 sums in oneDNN's order: the fp32 result to within one bf16 rounding
+        if wide or quantize.use_cpu_gemm(x):  # fp32 sums in another order: within one bf16 rounding
             torch.testing.assert_close(fast(x), fp32, rtol=8e-3, atol=1e-3)
         else:
             assert torch.equal(fast(x), bf16)

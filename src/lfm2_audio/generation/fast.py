@@ -61,7 +61,7 @@ from ..model.lfm2 import rope_inv_freq
 from ..model.lfm2_audio import run_encoder
 from ..model import cpu_kernels
 from ..model.quantize import (HALF, Int4Linear, Int8Linear, converted_linear, int4_linear, int8_dynamic_linear, int8_linear,
-                              matmul_dtype, native_half, use_int8_gemv)
+                              matmul_dtype, native_half, use_cpu_gemm, use_int8_gemv)
 from .sampling import GREEDY, Sampling, sample
 
 
@@ -164,6 +164,8 @@ class FusedLinear:
                 return int8_dynamic_linear(x, self.weight, self._scales127, self.bias)
             if cpu_kernels.usable(x, self.bias):
                 return cpu_kernels.int8_linear(x.contiguous(), self.weight, self._scales32, self.bias)
+            if use_cpu_gemm(x, self.bias):
+                return cpu_kernels.gemm(x, self.weight, self._scales32, self.bias)
             if use_int8_gemv(x):
                 scales = self._gemv_scales.get(x.dtype)
                 if scales is None:
@@ -173,6 +175,8 @@ class FusedLinear:
             return int8_linear(x, self.weight, self.scales, self.bias)
         if self._bf16_kernel and cpu_kernels.usable(x, self.bias):
             return cpu_kernels.bf16_linear(x.contiguous(), self.weight, self.bias)
+        if self._bf16_kernel and use_cpu_gemm(x, self.bias):
+            return cpu_kernels.gemm(x, self.weight, bias=self.bias)
         if not self.exact and matmul_dtype(x) != x.dtype:
             return converted_linear(x, self.weight, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -391,15 +395,17 @@ class FastBackbone:
         b_gate, c_gate, xv = layer.in_proj(h).view(B, S, -1).transpose(1, 2).chunk(3, dim=1)
         u = torch.cat((state, b_gate * xv), dim=2)  # [B, D, history + S]
         state.copy_(u[:, :, -state.shape[2] :])
-        if S == 1 and layer.conv_taps is not None:
-            # One output per channel as elementwise math (the conv op opens a parallel region
-            # for 2048 x 3 multiply-adds). Taps summed in fp32 in the conv kernel's order: with
-            # bf16 inputs the products are exact in fp32, so this is bit-identical to the conv.
-            u32 = u.float()
-            v = u32[:, :, 0] * layer.conv_taps[0]
-            for i in range(1, u.shape[2]):
-                v = v + u32[:, :, i] * layer.conv_taps[i]
-            v = v.to(u.dtype)[:, :, None]
+        if layer.conv_taps is not None and (S == 1 or u.device.type == "cpu"):
+            # The taps as elementwise math over shifted views, summed in fp32 in the conv
+            # kernel's order: with bf16 inputs the products are exact in fp32, so this is
+            # bit-identical to the conv. It avoids the conv op's costs: a parallel region for
+            # 2048 x 3 multiply-adds per decode step, and in prefill torch's bf16 fallback on
+            # CPUs without bf16 arithmetic (one small conv per channel, ~20-40 ms a layer).
+            u32, taps = u.float(), layer.conv_taps[:, :, None]
+            v = u32[:, :, :S] * taps[0]
+            for i in range(1, taps.shape[0]):
+                v = v + u32[:, :, i : i + S] * taps[i]
+            v = v.to(u.dtype)
         else:
             v = F.conv1d(u, layer.conv_weight, layer.conv_bias, groups=u.shape[1])
         return layer.out((c_gate * v).transpose(1, 2).reshape(B * S, -1))

@@ -212,6 +212,183 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
     return rc;
 }
 
+/* ---- many-row products (prefill) ------------------------------------------------------------- */
+
+/* Prefill multiplies tens of rows by each weight: compute-bound, not memory-bound. Without bf16
+   arithmetic torch converts the whole weight to fp32 into a buffer and runs oneDNN's fp32 GEMM,
+   an extra pass over memory, and its bf16 fallback for fewer rows is slower still. Here a
+   thread widens GEMM_NR weight rows at a time (a few KB of one block of columns) into an fp32
+   panel that stays in L1, then multiplies every activation row by it in tiles of GEMM_MR rows:
+   8-wide fp32 dot products, each tile's sums reduced once per block of columns. Int8 weights
+   widen the same way; the row scale multiplies the finished sum. */
+
+#define GEMM_MR 3
+#define GEMM_NR 4
+#define GEMM_X_BYTES (192 * 1024) /* activation block kept in the core's L2 while its columns pass */
+
+/* What a tile's sums are for: the weight rows' scales (int8) and bias (bf16), either NULL. */
+typedef struct {
+    const float *scales;
+    const uint16_t *bias;
+} Epilogue;
+
+/* The sums of a tile: added to part [rows, n] (the first block of columns stores them), or on
+   the last block scaled, biased and rounded into y [rows, n] bf16 instead. */
+static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, Epilogue e, float *part,
+                                                             uint16_t *y, int R, int C, int n, int first, int last) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum(acc[r * GEMM_NR + c]);
+            float *p = part + (long)r * n + c;
+            if (!first) s += *p;
+            if (last)
+                y[(long)r * n + c] = float_to_bf16((e.scales ? s * e.scales[c] : s) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
+            else
+                *p = s;
+        }
+}
+
+/* Any R x C tile (the edges): R activation rows from x (rows of k floats, from column k0)
+   against C panel rows (rows of kc floats), over kc columns. */
+static inline __attribute__((always_inline)) void gemm_tile(const float *panel, Epilogue e, const float *x,
+                                                            float *part, uint16_t *y, int R, int C, int n, int k,
+                                                            int kc, int first, int last) {
+    __m256 acc[GEMM_MR * GEMM_NR];
+    for (int j = 0; j < GEMM_MR * GEMM_NR; j++) acc[j] = _mm256_setzero_ps();
+    for (long i = 0; i < kc; i += 8)
+        for (int c = 0; c < C; c++) {
+            __m256 wv = _mm256_loadu_ps(panel + (long)c * kc + i);
+            for (int r = 0; r < R; r++)
+                acc[r * GEMM_NR + c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (long)r * k + i), acc[r * GEMM_NR + c]);
+        }
+    gemm_store(acc, e, part, y, R, C, n, first, last);
+}
+
+/* A full 3 x 4 tile as one asm loop, because compilers spill here: it needs all 16 vector
+   registers (the accumulator of activation row r and panel row c in ymm(4 r + c), the 3
+   activation vectors in ymm12-14, one panel vector in ymm15). Panel rows 0-3 are at p0, p1,
+   p0 + 2 ws and p1 + 2 ws (ws: bytes per panel row), activation rows 0-2 at q, q + xs and
+   q + 2 xs. */
+#define X3 "vmovups (%[q]), %%ymm12\n\t" "vmovups (%[q],%[xs]), %%ymm13\n\t" "vmovups (%[q],%[xs],2), %%ymm14\n\t"
+#define FMA3(at, r0, r1, r2) "vmovups " at ", %%ymm15\n\t" "vfmadd231ps %%ymm15, %%ymm12, %%ymm" r0 "\n\t" \
+    "vfmadd231ps %%ymm15, %%ymm13, %%ymm" r1 "\n\t" "vfmadd231ps %%ymm15, %%ymm14, %%ymm" r2 "\n\t"
+#define ZERO12 "vxorps %%xmm0, %%xmm0, %%xmm0\n\t" "vxorps %%xmm1, %%xmm1, %%xmm1\n\t" \
+    "vxorps %%xmm2, %%xmm2, %%xmm2\n\t" "vxorps %%xmm3, %%xmm3, %%xmm3\n\t" "vxorps %%xmm4, %%xmm4, %%xmm4\n\t" \
+    "vxorps %%xmm5, %%xmm5, %%xmm5\n\t" "vxorps %%xmm6, %%xmm6, %%xmm6\n\t" "vxorps %%xmm7, %%xmm7, %%xmm7\n\t" \
+    "vxorps %%xmm8, %%xmm8, %%xmm8\n\t" "vxorps %%xmm9, %%xmm9, %%xmm9\n\t" "vxorps %%xmm10, %%xmm10, %%xmm10\n\t" \
+    "vxorps %%xmm11, %%xmm11, %%xmm11\n\t"
+#define STORE12 "vmovups %%ymm0, (%[acc])\n\t" "vmovups %%ymm1, 32(%[acc])\n\t" "vmovups %%ymm2, 64(%[acc])\n\t" \
+    "vmovups %%ymm3, 96(%[acc])\n\t" "vmovups %%ymm4, 128(%[acc])\n\t" "vmovups %%ymm5, 160(%[acc])\n\t"   \
+    "vmovups %%ymm6, 192(%[acc])\n\t" "vmovups %%ymm7, 224(%[acc])\n\t" "vmovups %%ymm8, 256(%[acc])\n\t" \
+    "vmovups %%ymm9, 288(%[acc])\n\t" "vmovups %%ymm10, 320(%[acc])\n\t" "vmovups %%ymm11, 352(%[acc])\n\t"
+
+static inline __attribute__((always_inline)) void gemm_tile34(const float *panel, Epilogue e, const float *x,
+                                                              float *part, uint16_t *y, int n, int k, int kc, int first,
+                                                              int last) {
+    long ws = 4L * kc, xs = 4L * k, count = kc / 8;
+    const float *p0 = panel, *p1 = panel + kc, *q = x;
+    __m256 acc[GEMM_MR * GEMM_NR];
+    __asm__ volatile(ZERO12 "1:\n\t" X3 FMA3("(%[p0])", "0", "4", "8") FMA3("(%[p1])", "1", "5", "9")
+                     FMA3("(%[p0],%[ws],2)", "2", "6", "10") FMA3("(%[p1],%[ws],2)", "3", "7", "11")
+                     "add $32, %[p0]\n\t" "add $32, %[p1]\n\t" "add $32, %[q]\n\t" "dec %[count]\n\t" "jnz 1b\n\t"
+                     STORE12
+                     : [p0] "+r"(p0), [p1] "+r"(p1), [q] "+r"(q), [count] "+r"(count)
+                     : [ws] "r"(ws), [xs] "r"(xs), [acc] "r"(acc)
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+                       "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+    gemm_store(acc, e, part, y, GEMM_MR, GEMM_NR, n, first, last);
+}
+
+/* panel [C, kc] fp32 = C weight rows' columns [k0, k0 + kc), widened (bf16, or int8 unscaled). */
+static void widen_panel(const void *weight, int int8, long row0, int C, int k, int k0, int kc, float *panel) {
+    for (int c = 0; c < C; c++) {
+        long at = (row0 + c) * k + k0;
+        float *out = panel + (long)c * kc;
+        if (int8)
+            for (int i = 0; i < kc; i += 8)
+                _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                              _mm_loadl_epi64((const __m128i *)((const int8_t *)weight + at + i)))));
+        else
+            for (int i = 0; i < kc; i += 8) _mm256_storeu_ps(out + i, widen_bf16((const uint16_t *)weight + at + i));
+    }
+}
+
+/* part/y as gemm_store, over every row tile of weight rows [j, j + C) and columns [k0, k0 + kc). */
+static void gemm_columns(const float *panel, Epilogue e, const float *xf, float *part, uint16_t *y, int m,
+                         int C, int n, int k, int k0, int kc, int first, int last) {
+    int r0 = 0;
+    for (; r0 + GEMM_MR <= m; r0 += GEMM_MR) {
+        const float *x = xf + (long)r0 * k + k0;
+        float *pr = part + (long)r0 * n;
+        uint16_t *yr = y + (long)r0 * n;
+        switch (C) {
+        case 1: gemm_tile(panel, e, x, pr, yr, GEMM_MR, 1, n, k, kc, first, last); break;
+        case 2: gemm_tile(panel, e, x, pr, yr, GEMM_MR, 2, n, k, kc, first, last); break;
+        case 3: gemm_tile(panel, e, x, pr, yr, GEMM_MR, 3, n, k, kc, first, last); break;
+        default: gemm_tile34(panel, e, x, pr, yr, n, k, kc, first, last); break;
+        }
+    }
+    for (int c = 0; r0 < m && c < C; c++) { /* 1-2 rows left: one panel row at a time keeps this short */
+        const float *x = xf + (long)r0 * k + k0;
+        Epilogue ec = {e.scales ? e.scales + c : NULL, e.bias ? e.bias + c : NULL};
+        if (m - r0 == 1)
+            gemm_tile(panel + (long)c * kc, ec, x, part + (long)r0 * n + c, y + (long)r0 * n + c, 1, 1, n, k, kc,
+                      first, last);
+        else
+            gemm_tile(panel + (long)c * kc, ec, x, part + (long)r0 * n + c, y + (long)r0 * n + c, 2, 1, n, k, kc,
+                      first, last);
+    }
+}
+
+/* y [rows, n] = x [rows, k] @ W.T (+ bias [n]) for many rows, x, bias and y bf16: fp32 sums,
+   one rounding. scales NULL: bf16 weight; else int8 weight and fp32 row scales. k a multiple of 16.
+   0 on success, -1 for a bad shape, -2 when out of memory. */
+int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
+             int n, int k, int threads) {
+    if (rows < 1 || n < 1 || k < 16 || k % 16) return -1;
+    int int8 = scales != NULL, failed = 0;
+    /* Column blocks of kc: the rows' block of activations stays in L2 while every weight row passes. */
+    long most = GEMM_X_BYTES / (4L * rows) / 16 * 16, blocks_k;
+    most = most < 256 ? 256 : most;
+    blocks_k = (k + most - 1) / most;
+    long kc = ((k + blocks_k - 1) / blocks_k + 15) / 16 * 16; /* even blocks: a short last one costs a pass */
+    float *xf = malloc(sizeof(float) * (size_t)rows * k);
+    float *part = kc < k ? malloc(sizeof(float) * (size_t)rows * n) : NULL;
+    if (!xf || (!part && kc < k)) {
+        free(xf);
+        free(part);
+        return -2;
+    }
+    for (long i = 0; i < (long)rows * k; i++) xf[i] = bf16_to_float(x[i]);
+    int blocks = (n + GEMM_NR - 1) / GEMM_NR;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *panel = aligned_alloc(64, sizeof(float) * GEMM_NR * kc);
+        failed = panel == NULL;
+        for (int k0 = 0; k0 < k && panel; k0 += kc) {
+            int len = k - k0 < kc ? k - k0 : (int)kc, first = k0 == 0, last = k0 + len == k;
+            /* The same static split every block of columns: each thread keeps its own part columns. */
+#pragma omp for schedule(static) nowait
+            for (int b = 0; b < blocks; b++) {
+                int j = b * GEMM_NR, C = n - j < GEMM_NR ? n - j : GEMM_NR;
+                widen_panel(weight, int8, j, C, k, k0, len, panel);
+                /* The next block's weights, while this one computes: short runs of columns in
+                   rows far apart are not what the hardware prefetcher follows. */
+                for (int c = j + GEMM_NR; c < j + 2 * GEMM_NR && c < n; c++)
+                    for (long off = 0; off < (long)len * (int8 ? 1 : 2); off += 64)
+                        _mm_prefetch((const char *)weight + ((long)c * k + k0) * (int8 ? 1 : 2) + off, _MM_HINT_T0);
+                Epilogue e = {scales ? scales + j : NULL, bias ? bias + j : NULL};
+                gemm_columns(panel, e, xf, part + j, y + j, rows, C, n, k, k0, len,
+                             first, last);
+            }
+        }
+        free(panel);
+    }
+    free(xf);
+    free(part);
+    return failed ? -2 : 0;
+}
+
 /* ---- pieces of both steps -------------------------------------------------------------------- */
 
 /* 1 / rms(x) over n values, in fp32 (torch's rms_norm of an fp32 tensor). */

@@ -107,7 +107,9 @@ def library() -> ctypes.CDLL | None:
     lib.lfm_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.lfm_depth_step.argtypes = [ctypes.POINTER(Depth), ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2
     lib.lfm_backbone_step.argtypes = ([ctypes.POINTER(Backbone)] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4)
+    lib.lfm_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.lfm_linear.restype = lib.lfm_depth_step.restype = lib.lfm_backbone_step.restype = ctypes.c_int
+    lib.lfm_gemm.restype = ctypes.c_int
     return lib
 
 
@@ -145,6 +147,32 @@ def bf16_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def int8_linear(x2: torch.Tensor, q: torch.Tensor, scales32: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [rows, K] bf16 @ (q [N, K] int8 * scales32 [N] fp32).T (+ bias [N] bf16); `usable(x2)`."""
     return _linear(x2, q, scales32, bias)
+
+
+def gemm_usable(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether these activation rows [rows, K] (and this bias) can go to the kernels' GEMM
+    (`gemm`): more than MAX_ROWS bf16 rows. (Callers also check for bf16 arithmetic: with it,
+    oneDNN's GEMM is the faster one.)"""
+    return (x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and x2.shape[0] > MAX_ROWS
+            and x2.shape[1] % 16 == 0 and (bias is None or bias.dtype == torch.bfloat16) and library() is not None)
+
+
+def gemm(x2: torch.Tensor, weight: torch.Tensor, scales32: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x2 [rows, K] bf16 @ weight.T (+ bias [N] bf16) for many rows (prefill): weight [N, K]
+    bf16, or int8 times fp32 row scales; fp32 sums, rounded once to bf16. `gemm_usable(x2)`."""
+    rows, k = x2.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or not weight.is_contiguous():
+        raise ValueError(f"rows of {k} values against a {tuple(weight.shape)} weight (contiguous)")
+    x2 = x2.contiguous()
+    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    rc = library().lfm_gemm(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, n, k,
+                            torch.get_num_threads())
+    if rc == -1:
+        raise ValueError(f"the CPU GEMM takes a multiple of 16 columns, not {k}")
+    _check(rc)
+    return y
 
 
 def linear_struct(weight: torch.Tensor, scales32: torch.Tensor | None = None) -> Linear:

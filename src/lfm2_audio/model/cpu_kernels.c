@@ -224,6 +224,9 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
 
 #define GEMM_MR 3
 #define GEMM_NR 4
+#ifndef GEMM_PANEL
+#define GEMM_PANEL 8 /* weight rows widened at a time: two groups of GEMM_NR */
+#endif
 #define GEMM_X_BYTES (192 * 1024) /* activation block kept in the core's L2 while its columns pass */
 
 /* What a tile's sums are for: the weight rows' scales (int8) and bias (bf16), either NULL. */
@@ -236,16 +239,36 @@ typedef struct {
    the last block scaled, biased and rounded into y [rows, n] bf16 instead. */
 static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, Epilogue e, float *part,
                                                              uint16_t *y, int R, int C, int n, int first, int last) {
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            float s = hsum(acc[r * GEMM_NR + c]);
-            float *p = part + (long)r * n + c;
-            if (!first) s += *p;
-            if (last)
-                y[(long)r * n + c] = float_to_bf16((e.scales ? s * e.scales[c] : s) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
-            else
-                *p = s;
+    for (int r = 0; r < R; r++) {
+        const __m256 *a = acc + r * GEMM_NR;
+        float *p = part + (long)r * n;
+        uint16_t *yr = y + (long)r * n;
+        if (C == 4) { /* the four sums at once: three horizontal adds and one of the two halves */
+            __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            if (!first) s = _mm_add_ps(s, _mm_loadu_ps(p));
+            if (!last) {
+                _mm_storeu_ps(p, s);
+                continue;
+            }
+            if (e.scales) s = _mm_mul_ps(s, _mm_loadu_ps(e.scales));
+            if (e.bias)
+                s = _mm_add_ps(s, _mm_castsi128_ps(_mm_slli_epi32(
+                                      _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)e.bias)), 16)));
+            float v[4];
+            _mm_storeu_ps(v, s);
+            for (int c = 0; c < 4; c++) yr[c] = float_to_bf16(v[c]);
+            continue;
         }
+        for (int c = 0; c < C; c++) {
+            float s = hsum(a[c]);
+            if (!first) s += p[c];
+            if (last)
+                yr[c] = float_to_bf16((e.scales ? s * e.scales[c] : s) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
+            else
+                p[c] = s;
+        }
+    }
 }
 
 /* Any R x C tile (the edges): R activation rows from x (rows of k floats, from column k0)
@@ -314,29 +337,56 @@ static void widen_panel(const void *weight, int int8, long row0, int C, int k, i
 }
 
 /* part/y as gemm_store, over every row tile of weight rows [j, j + C) and columns [k0, k0 + kc). */
+/* The cache lines of a few weight rows' run of columns, fetched a few at a time. */
+typedef struct {
+    const char *at; /* the first row's run */
+    long stride;    /* bytes from one row to the next */
+    int rows, lines, done;
+} Prefetch;
+
+static inline void prefetch_some(Prefetch *p, int count) {
+    for (; count > 0 && p->done < p->rows * p->lines; count--, p->done++)
+        _mm_prefetch(p->at + (long)(p->done / p->lines) * p->stride + 64L * (p->done % p->lines), _MM_HINT_T0);
+}
+
+/* One tile of R activation rows against panel rows [c0, c0 + C) (C <= GEMM_NR). */
+static inline __attribute__((always_inline)) void gemm_group(const float *panel, Epilogue e, const float *x,
+                                                             float *pr, uint16_t *yr, int R, int c0, int C, int n,
+                                                             int k, int kc, int first, int last) {
+    const float *pg = panel + (long)c0 * kc;
+    Epilogue eg = {e.scales ? e.scales + c0 : NULL, e.bias ? e.bias + c0 : NULL};
+    pr += c0;
+    yr += c0;
+    if (R == GEMM_MR && C == GEMM_NR)
+        gemm_tile34(pg, eg, x, pr, yr, n, k, kc, first, last);
+    else if (C == GEMM_NR) /* constant shapes unroll; only the last panel may be narrower */
+        gemm_tile(pg, eg, x, pr, yr, R, GEMM_NR, n, k, kc, first, last);
+    else
+        gemm_tile(pg, eg, x, pr, yr, R, C, n, k, kc, first, last);
+}
+
+/* part/y as gemm_store, over every row tile of one panel of C <= GEMM_PANEL weight rows and
+   columns [k0, k0 + kc). A row tile's activations meet each group of GEMM_NR panel rows in
+   turn, so they come from L2 once and from L1 after. Meanwhile `next` (the next panel's
+   weights) is fetched a few lines a tile: short runs of columns in rows far apart are not
+   what the hardware prefetcher follows, and all at once they would overrun the core's
+   outstanding misses. */
 static void gemm_columns(const float *panel, Epilogue e, const float *xf, float *part, uint16_t *y, int m,
-                         int C, int n, int k, int k0, int kc, int first, int last) {
-    int r0 = 0;
-    for (; r0 + GEMM_MR <= m; r0 += GEMM_MR) {
+                         int C, int n, int k, int k0, int kc, int first, int last, Prefetch next) {
+    int tiles = (m + GEMM_MR - 1) / GEMM_MR, per_tile = (next.rows * next.lines + tiles - 1) / tiles;
+    for (int r0 = 0; r0 < m; r0 += GEMM_MR) {
+        prefetch_some(&next, per_tile);
         const float *x = xf + (long)r0 * k + k0;
         float *pr = part + (long)r0 * n;
         uint16_t *yr = y + (long)r0 * n;
-        switch (C) {
-        case 1: gemm_tile(panel, e, x, pr, yr, GEMM_MR, 1, n, k, kc, first, last); break;
-        case 2: gemm_tile(panel, e, x, pr, yr, GEMM_MR, 2, n, k, kc, first, last); break;
-        case 3: gemm_tile(panel, e, x, pr, yr, GEMM_MR, 3, n, k, kc, first, last); break;
-        default: gemm_tile34(panel, e, x, pr, yr, n, k, kc, first, last); break;
+        for (int c0 = 0; c0 < C; c0 += GEMM_NR) {
+            int Cg = C - c0 < GEMM_NR ? C - c0 : GEMM_NR;
+            switch (m - r0) { /* 1-2 rows left at the end: 1 or 2 x 4 tiles fit the registers as compiled */
+            case 1: gemm_group(panel, e, x, pr, yr, 1, c0, Cg, n, k, kc, first, last); break;
+            case 2: gemm_group(panel, e, x, pr, yr, 2, c0, Cg, n, k, kc, first, last); break;
+            default: gemm_group(panel, e, x, pr, yr, GEMM_MR, c0, Cg, n, k, kc, first, last); break;
+            }
         }
-    }
-    for (int c = 0; r0 < m && c < C; c++) { /* 1-2 rows left: one panel row at a time keeps this short */
-        const float *x = xf + (long)r0 * k + k0;
-        Epilogue ec = {e.scales ? e.scales + c : NULL, e.bias ? e.bias + c : NULL};
-        if (m - r0 == 1)
-            gemm_tile(panel + (long)c * kc, ec, x, part + (long)r0 * n + c, y + (long)r0 * n + c, 1, 1, n, k, kc,
-                      first, last);
-        else
-            gemm_tile(panel + (long)c * kc, ec, x, part + (long)r0 * n + c, y + (long)r0 * n + c, 2, 1, n, k, kc,
-                      first, last);
     }
 }
 
@@ -359,27 +409,26 @@ int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const u
         free(part);
         return -2;
     }
-    for (long i = 0; i < (long)rows * k; i++) xf[i] = bf16_to_float(x[i]);
-    int blocks = (n + GEMM_NR - 1) / GEMM_NR;
+    int blocks = (n + GEMM_PANEL - 1) / GEMM_PANEL;
+    long wsize = int8 ? 1 : 2;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *panel = aligned_alloc(64, sizeof(float) * GEMM_NR * kc);
+#pragma omp for schedule(static)
+        for (long i = 0; i < (long)rows * k; i += 8) _mm256_storeu_ps(xf + i, widen_bf16(x + i));
+        float *panel = aligned_alloc(64, sizeof(float) * GEMM_PANEL * kc);
         failed = panel == NULL;
         for (int k0 = 0; k0 < k && panel; k0 += kc) {
             int len = k - k0 < kc ? k - k0 : (int)kc, first = k0 == 0, last = k0 + len == k;
             /* The same static split every block of columns: each thread keeps its own part columns. */
 #pragma omp for schedule(static) nowait
             for (int b = 0; b < blocks; b++) {
-                int j = b * GEMM_NR, C = n - j < GEMM_NR ? n - j : GEMM_NR;
+                int j = b * GEMM_PANEL, C = n - j < GEMM_PANEL ? n - j : GEMM_PANEL;
                 widen_panel(weight, int8, j, C, k, k0, len, panel);
-                /* The next block's weights, while this one computes: short runs of columns in
-                   rows far apart are not what the hardware prefetcher follows. */
-                for (int c = j + GEMM_NR; c < j + 2 * GEMM_NR && c < n; c++)
-                    for (long off = 0; off < (long)len * (int8 ? 1 : 2); off += 64)
-                        _mm_prefetch((const char *)weight + ((long)c * k + k0) * (int8 ? 1 : 2) + off, _MM_HINT_T0);
+                int after = n - j - C < GEMM_PANEL ? n - j - C : GEMM_PANEL;
+                Prefetch next = {(const char *)weight + ((long)(j + C) * k + k0) * wsize, (long)k * wsize, after,
+                                 (int)((len * wsize + 63) / 64), 0};
                 Epilogue e = {scales ? scales + j : NULL, bias ? bias + j : NULL};
-                gemm_columns(panel, e, xf, part + j, y + j, rows, C, n, k, k0, len,
-                             first, last);
+                gemm_columns(panel, e, xf, part + j, y + j, rows, C, n, k, k0, len, first, last, next);
             }
         }
         free(panel);

@@ -23,7 +23,9 @@ Prints one JSON line. For each path (`plain`: the eager modules; `fast`: FastLFM
 Plus load_s, peak_rss_gb (and gpu_peak_gb), the memory bandwidth measured here (sums over a
 1 GiB tensor, at the start and at the end, the best), the weight bytes one frame reads, the
 frame rate that bandwidth allows (the floor, also as floor_ms) and each path's ratio to it
-(frame time / floor time), fast/plain speed-ups, and `fast.parity`: the fast path's hidden
+(frame time / floor time; on CPU also paired_ratio_to_floor, the median over rounds of frame
+steps each timed right after its own bandwidth reading, and that reading's median as
+paired_bandwidth_gbs), fast/plain speed-ups, and `fast.parity`: the fast path's hidden
 states (cosine, worst) and greedy frames (fraction of codes) against the plain path's on the
 same inputs. On CUDA the fast path replays CUDA graphs (generation/cuda_graphs.py; --compile
 fuses their small ops with torch.compile first, --graphs off measures the eager fast path)
@@ -45,6 +47,7 @@ import copy
 import gc
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -170,8 +173,24 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def paired_floor(frames, n_frames: int, frame_bytes: int, rounds: int) -> dict:
+    """Frame steps timed right after a reading of the CPU's read bandwidth, round by round. On a
+    shared machine the bandwidth moves by up to 1.5x from minute to minute, so a floor measured
+    at other moments flatters or wrongs the frame time; each round's ratio uses its own
+    reading. Medians of the rounds."""
+    big = torch.ones(1 << 29, dtype=torch.bfloat16)  # 1 GiB, as memory_bandwidth_gbs
+    big.sum()
+    ratios, readings = [], []
+    for _ in range(rounds):
+        gbs = big.numel() * 2 / min(_timed(big.sum) for _ in range(2)) / 1e9
+        step_s = _timed(frames) / n_frames
+        readings.append(gbs)
+        ratios.append(step_s * gbs * 1e9 / frame_bytes)
+    return {"paired_bandwidth_gbs": statistics.median(readings), "paired_ratio_to_floor": statistics.median(ratios)}
+
+
 @torch.inference_mode()
-def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> dict:
+def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int, frame_bytes: int | None = None) -> dict:
     out = {}
     forced = forced_text(m.cfg)
 
@@ -216,6 +235,8 @@ def measure(m, prompt, batch: int, n_text: int, n_frames: int, repeats: int) -> 
     out["text_tok_s"] = batch * n_text / best_of(text_steps, repeats)
     out["audio_fps"] = batch * n_frames / best_of(audio_steps, repeats)
     out["frame_ms"] = 1000 * batch / out["audio_fps"]
+    if frame_bytes is not None:
+        out.update(paired_floor(audio_steps, n_frames, frame_bytes, repeats))
 
     def depth_frames(params=GREEDY):
         for _ in range(n_frames):
@@ -397,7 +418,7 @@ def main(argv=None) -> int:
 
     plain_bytes = frame_bytes(model)
     if not args.skip_plain:
-        result["plain"] = measure(model, prompt, **timing)
+        result["plain"] = measure(model, prompt, **timing, frame_bytes=None if cuda else plain_bytes)
         result["plain"]["frame_bytes_gb"] = plain_bytes / 1e9
         if do_sweep:
             result["plain"]["sweep"] = sweep(model, prompt, batches, args.frames, args.repeats)
@@ -429,7 +450,7 @@ def main(argv=None) -> int:
     result["cpu_kernel_steps"] = [name for name, part in (("backbone", fast.lfm), ("depth", fast.depth))
                                   if getattr(part, "cpu_step", None) is not None]
     t = time.perf_counter()
-    result["fast"] = measure(fast, prompt, **timing)
+    result["fast"] = measure(fast, prompt, **timing, frame_bytes=None if cuda else fast.bytes_per_frame())
     result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9
     if do_sweep:
         result["fast"]["sweep"] = sweep(fast, prompt, batches, args.frames, args.repeats)

@@ -1,5 +1,6 @@
-/* CPU decode kernels, AVX2 + FMA: one-row (up to 4 rows) matrix-vector products, and the
-   depthformer's codebook step and the backbone's one-position step built on them.
+/* CPU kernels, AVX2 + FMA: one-row (up to 4 rows) matrix-vector products, the depthformer's
+   codebook step and the backbone's one-position step built on them, and a GEMM for more rows
+   (prefill, serving batches; see its section).
 
    Decoding reads every weight once per token for one activation row, so a step's time is the
    weight bytes over memory bandwidth. On a 2-core AVX2 CPU torch's bf16 GEMV streams weights

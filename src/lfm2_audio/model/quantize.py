@@ -8,9 +8,11 @@ with one symmetric scale per output channel (row). Two ways to multiply (`quanti
               rounding. Kernels (CPU): for one to four bf16 rows the hand-written AVX2 loop
               of cpu_kernels.py (about twice the speed of torch's `aten._weight_int8pack_mm`
               on a 2-core AVX2 CPU; that kernel is the fallback where cpu_kernels cannot build);
-              for many rows (prefill) convert the int8 values to the activation dtype and
-              run the dense GEMM, which is compute-bound there and ~3x faster than the GEMV
-              kernel; fp32 activations always convert (the int8 kernel's fp32 path is ~20x
+              for more bf16 rows (prefill, batches) on a CPU without bf16 arithmetic,
+              cpu_kernels' GEMM (the int8 values widened in registers); elsewhere, for many
+              rows convert the int8 values to the activation dtype and run the dense GEMM,
+              which is compute-bound there and ~3x faster than the GEMV kernel; fp32
+              activations always convert (the int8 kernel's fp32 path is ~20x
               slower than bf16), so int8 is meant for bf16 models.
   "int8-dyn"  dynamic activation quantization: each activation row is also rounded to int8
               (symmetric, its own scale) and `torch._int_mm` multiplies int8 x int8 into

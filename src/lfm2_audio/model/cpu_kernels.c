@@ -225,6 +225,7 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
 
 #define GEMM_MR 3
 #define GEMM_NR 4
+#define GEMM_ROW_BLOCK 96 /* a multiple of GEMM_MR */
 #ifndef GEMM_PANEL
 #define GEMM_PANEL 8 /* weight rows widened at a time: two groups of GEMM_NR */
 #endif
@@ -391,12 +392,9 @@ static void gemm_columns(const float *panel, Epilogue e, const float *xf, float 
     }
 }
 
-/* y [rows, n] = x [rows, k] @ W.T (+ bias [n]) for many rows, x, bias and y bf16: fp32 sums,
-   one rounding. scales NULL: bf16 weight; else int8 weight and fp32 row scales. k a multiple of 16.
-   0 on success, -1 for a bad shape, -2 when out of memory. */
-int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
-             int n, int k, int threads) {
-    if (rows < 1 || n < 1 || k < 16 || k % 16) return -1;
+/* lfm_gemm over at most GEMM_ROW_BLOCK rows. */
+static int gemm_rows(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                     int rows, int n, int k, int threads) {
     int int8 = scales != NULL, failed = 0;
     /* Column blocks of kc: the rows' block of activations stays in L2 while every weight row passes. */
     long most = GEMM_X_BYTES / (4L * rows) / 16 * 16, blocks_k;
@@ -437,6 +435,22 @@ int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const u
     free(xf);
     free(part);
     return failed ? -2 : 0;
+}
+
+/* y [rows, n] = x [rows, k] @ W.T (+ bias [n]) for many rows, x, bias and y bf16: fp32 sums,
+   one rounding. scales NULL: bf16 weight; else int8 weight and fp32 row scales. k a multiple of 16.
+   0 on success, -1 for a bad shape, -2 when out of memory. */
+int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
+             int n, int k, int threads) {
+    if (rows < 1 || n < 1 || k < 16 || k % 16) return -1;
+    /* Blocks of rows: the activation block that stays in L2 keeps a useful width of columns,
+       and the buffers stay small for a long prompt (the weights are read once a block). */
+    for (int r0 = 0; r0 < rows; r0 += GEMM_ROW_BLOCK) {
+        int rc = gemm_rows(weight, scales, x + (long)r0 * k, bias, y + (long)r0 * n,
+                           rows - r0 < GEMM_ROW_BLOCK ? rows - r0 : GEMM_ROW_BLOCK, n, k, threads);
+        if (rc) return rc;
+    }
+    return 0;
 }
 
 /* ---- pieces of both steps -------------------------------------------------------------------- */

@@ -88,6 +88,8 @@ def test_usable_only_for_few_bf16_cpu_rows():
     assert not cpu_kernels.usable(torch.zeros(1, 8))  # fp32 models keep torch's kernels
     assert cpu_kernels.gemm_usable(torch.zeros(5, 16, dtype=torch.bfloat16))
     assert not cpu_kernels.gemm_usable(torch.zeros(4, 16, dtype=torch.bfloat16))  # the one-row kernels
+    assert cpu_kernels.gemm_usable(torch.zeros(cpu_kernels.GEMM_MAX_ROWS, 16, dtype=torch.bfloat16))
+    assert not cpu_kernels.gemm_usable(torch.zeros(cpu_kernels.GEMM_MAX_ROWS + 1, 16, dtype=torch.bfloat16))
     assert not cpu_kernels.gemm_usable(torch.zeros(5, 24, dtype=torch.bfloat16))  # whole 16-column steps only
     assert not cpu_kernels.gemm_usable(torch.zeros(5, 16, dtype=torch.bfloat16), torch.zeros(3))  # fp32 bias
 

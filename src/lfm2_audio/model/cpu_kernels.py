@@ -9,8 +9,8 @@ one-row product (`bf16_linear`, `int8_linear`), the depthformer's codebook step 
 (`DepthStep`: every layer and the head, in place of ~250 small torch ops), and the backbone's
 one-position step as one call (`BackboneStep`: every layer and the final norm, ~400 ops). More
 rows (prefill, serving batches) are compute-bound: `gemm` widens the weights in registers and
-runs at or above the speed of torch's converted fp32 GEMM there, and 2.4-5x its bf16 matmul at
-5-16 rows (quantize.use_cpu_gemm says where).
+runs 1.1-1.3x the speed of torch's converted fp32 GEMM for a 4 s prompt's 73 rows, and
+2.4-5x its bf16 matmul at 5-16 rows, up to GEMM_MAX_ROWS (quantize.use_cpu_gemm says where).
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is
 needed (about a second; the file and flags name the library, so an edit rebuilds it). No
@@ -37,6 +37,10 @@ SOURCE = Path(__file__).with_suffix(".c")
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's elementwise ops
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 MAX_ROWS = 4  # the C file's MAX_ROWS
+# Above this many rows oneDNN's fp32 GEMM on a converted weight (its blocking made for large
+# products) overtakes the kernels' GEMM: 2-core AVX2 EPYC, a 6144 x 2048 weight, even at 128-192
+# rows, 0.8x at 300 and 0.7x at 1000.
+GEMM_MAX_ROWS = 128
 ENV_SWITCH = "LFM2_AUDIO_CPU_KERNELS"
 
 
@@ -154,9 +158,9 @@ def int8_linear(x2: torch.Tensor, q: torch.Tensor, scales32: torch.Tensor, bias:
 
 def gemm_usable(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether these activation rows [rows, K] (and this bias) can go to the kernels' GEMM
-    (`gemm`): more than MAX_ROWS bf16 rows. (Callers also check for bf16 arithmetic: with it,
-    oneDNN's GEMM is the faster one.)"""
-    return (x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and x2.shape[0] > MAX_ROWS
+    (`gemm`): more than MAX_ROWS and at most GEMM_MAX_ROWS bf16 rows. (Callers also check for
+    bf16 arithmetic: with it, oneDNN's GEMM is the faster one.)"""
+    return (x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and MAX_ROWS < x2.shape[0] <= GEMM_MAX_ROWS
             and x2.shape[1] % 16 == 0 and (bias is None or bias.dtype == torch.bfloat16) and library() is not None)
 
 

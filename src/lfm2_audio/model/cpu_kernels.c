@@ -218,10 +218,12 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
 /* Prefill multiplies tens of rows by each weight: compute-bound, not memory-bound. Without bf16
    arithmetic torch converts the whole weight to fp32 into a buffer and runs oneDNN's fp32 GEMM,
    an extra pass over memory, and its bf16 fallback for fewer rows is slower still. Here a
-   thread widens GEMM_NR weight rows at a time (a few KB of one block of columns) into an fp32
-   panel that stays in L1, then multiplies every activation row by it in tiles of GEMM_MR rows:
-   8-wide fp32 dot products, each tile's sums reduced once per block of columns. Int8 weights
-   widen the same way; the row scale multiplies the finished sum. */
+   thread widens GEMM_PANEL weight rows at a time into an fp32 panel that stays in L2, then
+   multiplies every activation row by it in tiles of GEMM_MR rows x GEMM_NR panel rows: 8-wide
+   fp32 dot products over the whole row, each sum reduced once and rounded once. Int8 weights
+   widen the same way; the row scale multiplies the finished sum. Whole rows, not blocks of
+   columns: carrying partial sums between blocks through memory cost more than the activations
+   falling out of L2 (2-core Zen 3: 50-55 against 30-45 GFLOP/s a core at 73 x 2048). */
 
 #define GEMM_MR 3
 #define GEMM_NR 4
@@ -229,7 +231,6 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
 #ifndef GEMM_PANEL
 #define GEMM_PANEL 8 /* weight rows widened at a time: two groups of GEMM_NR */
 #endif
-#define GEMM_X_BYTES (192 * 1024) /* activation block kept in the core's L2 while its columns pass */
 
 /* What a tile's sums are for: the weight rows' scales (int8) and bias (bf16), either NULL. */
 typedef struct {
@@ -237,22 +238,15 @@ typedef struct {
     const uint16_t *bias;
 } Epilogue;
 
-/* The sums of a tile: added to part [rows, n] (the first block of columns stores them), or on
-   the last block scaled, biased and rounded into y [rows, n] bf16 instead. */
-static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, Epilogue e, float *part,
-                                                             uint16_t *y, int R, int C, int n, int first, int last) {
+/* The sums of a tile, scaled, biased and rounded into y [rows, n] bf16. */
+static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, Epilogue e, uint16_t *y, int R,
+                                                             int C, int n) {
     for (int r = 0; r < R; r++) {
         const __m256 *a = acc + r * GEMM_NR;
-        float *p = part + (long)r * n;
         uint16_t *yr = y + (long)r * n;
         if (C == 4) { /* the four sums at once: three horizontal adds and one of the two halves */
             __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
             __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            if (!first) s = _mm_add_ps(s, _mm_loadu_ps(p));
-            if (!last) {
-                _mm_storeu_ps(p, s);
-                continue;
-            }
             if (e.scales) s = _mm_mul_ps(s, _mm_loadu_ps(e.scales));
             if (e.bias)
                 s = _mm_add_ps(s, _mm_castsi128_ps(_mm_slli_epi32(
@@ -264,29 +258,23 @@ static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, 
         }
         for (int c = 0; c < C; c++) {
             float s = hsum(a[c]);
-            if (!first) s += p[c];
-            if (last)
-                yr[c] = float_to_bf16((e.scales ? s * e.scales[c] : s) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
-            else
-                p[c] = s;
+            yr[c] = float_to_bf16((e.scales ? s * e.scales[c] : s) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
         }
     }
 }
 
-/* Any R x C tile (the edges): R activation rows from x (rows of k floats, from column k0)
-   against C panel rows (rows of kc floats), over kc columns. */
+/* Any R x C tile (the edges): R activation rows from x against C panel rows, rows of k floats. */
 static inline __attribute__((always_inline)) void gemm_tile(const float *panel, Epilogue e, const float *x,
-                                                            float *part, uint16_t *y, int R, int C, int n, int k,
-                                                            int kc, int first, int last) {
+                                                            uint16_t *y, int R, int C, int n, int k) {
     __m256 acc[GEMM_MR * GEMM_NR];
     for (int j = 0; j < GEMM_MR * GEMM_NR; j++) acc[j] = _mm256_setzero_ps();
-    for (long i = 0; i < kc; i += 8)
+    for (long i = 0; i < k; i += 8)
         for (int c = 0; c < C; c++) {
-            __m256 wv = _mm256_loadu_ps(panel + (long)c * kc + i);
+            __m256 wv = _mm256_loadu_ps(panel + (long)c * k + i);
             for (int r = 0; r < R; r++)
                 acc[r * GEMM_NR + c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (long)r * k + i), acc[r * GEMM_NR + c]);
         }
-    gemm_store(acc, e, part, y, R, C, n, first, last);
+    gemm_store(acc, e, y, R, C, n);
 }
 
 /* A full 3 x 4 tile as one asm loop, because compilers spill here: it needs all 16 vector
@@ -308,10 +296,9 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *panel, 
     "vmovups %%ymm9, 288(%[acc])\n\t" "vmovups %%ymm10, 320(%[acc])\n\t" "vmovups %%ymm11, 352(%[acc])\n\t"
 
 static inline __attribute__((always_inline)) void gemm_tile34(const float *panel, Epilogue e, const float *x,
-                                                              float *part, uint16_t *y, int n, int k, int kc, int first,
-                                                              int last) {
-    long ws = 4L * kc, xs = 4L * k, count = kc / 8;
-    const float *p0 = panel, *p1 = panel + kc, *q = x;
+                                                              uint16_t *y, int n, int k) {
+    long ws = 4L * k, xs = 4L * k, count = k / 8;
+    const float *p0 = panel, *p1 = panel + k, *q = x;
     __m256 acc[GEMM_MR * GEMM_NR];
     __asm__ volatile(ZERO12 "1:\n\t" X3 FMA3("(%[p0])", "0", "4", "8") FMA3("(%[p1])", "1", "5", "9")
                      FMA3("(%[p0],%[ws],2)", "2", "6", "10") FMA3("(%[p1],%[ws],2)", "3", "7", "11")
@@ -321,72 +308,65 @@ static inline __attribute__((always_inline)) void gemm_tile34(const float *panel
                      : [ws] "r"(ws), [xs] "r"(xs), [acc] "r"(acc)
                      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
                        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
-    gemm_store(acc, e, part, y, GEMM_MR, GEMM_NR, n, first, last);
+    gemm_store(acc, e, y, GEMM_MR, GEMM_NR, n);
 }
 
-/* panel [C, kc] fp32 = C weight rows' columns [k0, k0 + kc), widened (bf16, or int8 unscaled). */
-static void widen_panel(const void *weight, int int8, long row0, int C, int k, int k0, int kc, float *panel) {
+/* panel [C, k] fp32 = weight rows [row0, row0 + C), widened (bf16, or int8 unscaled). */
+static void widen_panel(const void *weight, int int8, long row0, int C, int k, float *panel) {
     for (int c = 0; c < C; c++) {
-        long at = (row0 + c) * k + k0;
-        float *out = panel + (long)c * kc;
+        long at = (row0 + c) * k;
+        float *out = panel + (long)c * k;
         if (int8)
-            for (int i = 0; i < kc; i += 8)
+            for (int i = 0; i < k; i += 8)
                 _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                               _mm_loadl_epi64((const __m128i *)((const int8_t *)weight + at + i)))));
         else
-            for (int i = 0; i < kc; i += 8) _mm256_storeu_ps(out + i, widen_bf16((const uint16_t *)weight + at + i));
+            for (int i = 0; i < k; i += 8) _mm256_storeu_ps(out + i, widen_bf16((const uint16_t *)weight + at + i));
     }
 }
 
-/* part/y as gemm_store, over every row tile of weight rows [j, j + C) and columns [k0, k0 + kc). */
-/* The cache lines of a few weight rows' run of columns, fetched a few at a time. */
+/* The cache lines of some weight bytes, fetched a few at a time. */
 typedef struct {
-    const char *at; /* the first row's run */
-    long stride;    /* bytes from one row to the next */
-    int rows, lines, done;
+    const char *at;
+    long lines, done;
 } Prefetch;
 
-static inline void prefetch_some(Prefetch *p, int count) {
-    for (; count > 0 && p->done < p->rows * p->lines; count--, p->done++)
-        _mm_prefetch(p->at + (long)(p->done / p->lines) * p->stride + 64L * (p->done % p->lines), _MM_HINT_T0);
+static inline void prefetch_some(Prefetch *p, long count) {
+    for (; count > 0 && p->done < p->lines; count--, p->done++) _mm_prefetch(p->at + 64 * p->done, _MM_HINT_T0);
 }
 
 /* One tile of R activation rows against panel rows [c0, c0 + C) (C <= GEMM_NR). */
 static inline __attribute__((always_inline)) void gemm_group(const float *panel, Epilogue e, const float *x,
-                                                             float *pr, uint16_t *yr, int R, int c0, int C, int n,
-                                                             int k, int kc, int first, int last) {
-    const float *pg = panel + (long)c0 * kc;
+                                                             uint16_t *yr, int R, int c0, int C, int n, int k) {
+    const float *pg = panel + (long)c0 * k;
     Epilogue eg = {e.scales ? e.scales + c0 : NULL, e.bias ? e.bias + c0 : NULL};
-    pr += c0;
     yr += c0;
     if (R == GEMM_MR && C == GEMM_NR)
-        gemm_tile34(pg, eg, x, pr, yr, n, k, kc, first, last);
+        gemm_tile34(pg, eg, x, yr, n, k);
     else if (C == GEMM_NR) /* constant shapes unroll; only the last panel may be narrower */
-        gemm_tile(pg, eg, x, pr, yr, R, GEMM_NR, n, k, kc, first, last);
+        gemm_tile(pg, eg, x, yr, R, GEMM_NR, n, k);
     else
-        gemm_tile(pg, eg, x, pr, yr, R, C, n, k, kc, first, last);
+        gemm_tile(pg, eg, x, yr, R, C, n, k);
 }
 
-/* part/y as gemm_store, over every row tile of one panel of C <= GEMM_PANEL weight rows and
-   columns [k0, k0 + kc). A row tile's activations meet each group of GEMM_NR panel rows in
-   turn, so they come from L2 once and from L1 after. Meanwhile `next` (the next panel's
-   weights) is fetched a few lines a tile: short runs of columns in rows far apart are not
-   what the hardware prefetcher follows, and all at once they would overrun the core's
-   outstanding misses. */
-static void gemm_columns(const float *panel, Epilogue e, const float *xf, float *part, uint16_t *y, int m,
-                         int C, int n, int k, int k0, int kc, int first, int last, Prefetch next) {
-    int tiles = (m + GEMM_MR - 1) / GEMM_MR, per_tile = (next.rows * next.lines + tiles - 1) / tiles;
+/* y's columns [0, C) of every row, from one panel of C <= GEMM_PANEL weight rows. A row tile's
+   activations meet each group of GEMM_NR panel rows in turn, so they come from L2 once and
+   from L1 after. Meanwhile `next` (the next panel's weights) is fetched a few lines a tile: all
+   at once they would overrun the core's outstanding misses. */
+static void gemm_columns(const float *panel, Epilogue e, const float *xf, uint16_t *y, int m, int C, int n, int k,
+                         Prefetch next) {
+    int tiles = (m + GEMM_MR - 1) / GEMM_MR;
+    long per_tile = (next.lines + tiles - 1) / tiles;
     for (int r0 = 0; r0 < m; r0 += GEMM_MR) {
         prefetch_some(&next, per_tile);
-        const float *x = xf + (long)r0 * k + k0;
-        float *pr = part + (long)r0 * n;
+        const float *x = xf + (long)r0 * k;
         uint16_t *yr = y + (long)r0 * n;
         for (int c0 = 0; c0 < C; c0 += GEMM_NR) {
             int Cg = C - c0 < GEMM_NR ? C - c0 : GEMM_NR;
             switch (m - r0) { /* 1-2 rows left at the end: 1 or 2 x 4 tiles fit the registers as compiled */
-            case 1: gemm_group(panel, e, x, pr, yr, 1, c0, Cg, n, k, kc, first, last); break;
-            case 2: gemm_group(panel, e, x, pr, yr, 2, c0, Cg, n, k, kc, first, last); break;
-            default: gemm_group(panel, e, x, pr, yr, GEMM_MR, c0, Cg, n, k, kc, first, last); break;
+            case 1: gemm_group(panel, e, x, yr, 1, c0, Cg, n, k); break;
+            case 2: gemm_group(panel, e, x, yr, 2, c0, Cg, n, k); break;
+            default: gemm_group(panel, e, x, yr, GEMM_MR, c0, Cg, n, k); break;
             }
         }
     }
@@ -395,45 +375,29 @@ static void gemm_columns(const float *panel, Epilogue e, const float *xf, float 
 /* lfm_gemm over at most GEMM_ROW_BLOCK rows. */
 static int gemm_rows(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y,
                      int rows, int n, int k, int threads) {
-    int int8 = scales != NULL, failed = 0;
-    /* Column blocks of kc: the rows' block of activations stays in L2 while every weight row passes. */
-    long most = GEMM_X_BYTES / (4L * rows) / 16 * 16, blocks_k;
-    most = most < 256 ? 256 : most;
-    blocks_k = (k + most - 1) / most;
-    long kc = ((k + blocks_k - 1) / blocks_k + 15) / 16 * 16; /* even blocks: a short last one costs a pass */
-    float *xf = malloc(sizeof(float) * (size_t)rows * k);
-    float *part = kc < k ? malloc(sizeof(float) * (size_t)rows * n) : NULL;
-    if (!xf || (!part && kc < k)) {
-        free(xf);
-        free(part);
-        return -2;
-    }
-    int blocks = (n + GEMM_PANEL - 1) / GEMM_PANEL;
+    int int8 = scales != NULL, failed = 0, panels = (n + GEMM_PANEL - 1) / GEMM_PANEL;
     long wsize = int8 ? 1 : 2;
+    float *xf = malloc(sizeof(float) * (size_t)rows * k);
+    if (!xf) return -2;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
 #pragma omp for schedule(static)
         for (long i = 0; i < (long)rows * k; i += 8) _mm256_storeu_ps(xf + i, widen_bf16(x + i));
-        float *panel = aligned_alloc(64, sizeof(float) * GEMM_PANEL * kc);
+        float *panel = aligned_alloc(64, sizeof(float) * GEMM_PANEL * k);
         failed = panel == NULL;
-        for (int k0 = 0; k0 < k && panel; k0 += kc) {
-            int len = k - k0 < kc ? k - k0 : (int)kc, first = k0 == 0, last = k0 + len == k;
-            /* The same static split every block of columns: each thread keeps its own part columns. */
-#pragma omp for schedule(static) nowait
-            for (int b = 0; b < blocks; b++) {
-                int j = b * GEMM_PANEL, C = n - j < GEMM_PANEL ? n - j : GEMM_PANEL;
-                widen_panel(weight, int8, j, C, k, k0, len, panel);
-                int after = n - j - C < GEMM_PANEL ? n - j - C : GEMM_PANEL;
-                Prefetch next = {(const char *)weight + ((long)(j + C) * k + k0) * wsize, (long)k * wsize, after,
-                                 (int)((len * wsize + 63) / 64), 0};
-                Epilogue e = {scales ? scales + j : NULL, bias ? bias + j : NULL};
-                gemm_columns(panel, e, xf, part + j, y + j, rows, C, n, k, k0, len, first, last, next);
-            }
+#pragma omp for schedule(static)
+        for (int b = 0; b < panels; b++) {
+            if (!panel) continue;
+            int j = b * GEMM_PANEL, C = n - j < GEMM_PANEL ? n - j : GEMM_PANEL;
+            int after = n - j - C < GEMM_PANEL ? n - j - C : GEMM_PANEL;
+            widen_panel(weight, int8, j, C, k, panel);
+            Prefetch next = {(const char *)weight + (long)(j + C) * k * wsize, ((long)after * k * wsize + 63) / 64, 0};
+            Epilogue e = {scales ? scales + j : NULL, bias ? bias + j : NULL};
+            gemm_columns(panel, e, xf, y + j, rows, C, n, k, next);
         }
         free(panel);
     }
     free(xf);
-    free(part);
     return failed ? -2 : 0;
 }
 

@@ -26,10 +26,11 @@ weight bytes over memory bandwidth plus per-op overhead. What the engine does ab
 * On a CPU without bf16 arithmetic (no AVX-512 or AVX-NE-CONVERT: oneDNN cannot prepack
   there), torch's bf16 matmul falls back to a path ~3x slower than fp32 for many rows. There,
   matmuls of 5-128 rows (prefill, serving batches) run cpu_kernels' GEMM, which widens the
-  weight in registers (more rows, or where the kernels cannot build: 16+ rows convert the weight
-  into a reused fp32 buffer for oneDNN), the audio encoder runs an fp32 copy of itself (a few hundred MB at
-  official size), and the short conv runs as elementwise taps: on a 2-core AVX2 CPU at
-  official size the prefill of a 4 s prompt drops from 10.3 s to 1.9-2.0 s.
+  weight a few rows at a time (more rows, or where the kernels cannot build: 16+ rows
+  convert the whole weight into a reused fp32 buffer for oneDNN), the audio encoder runs an
+  fp32 copy of itself (a few hundred MB at official size), and the short conv runs as
+  elementwise taps: on a 2-core AVX2 CPU at official size the prefill of a 4 s prompt drops
+  from 10.3 s to 1.7-2.1 s.
 * Tiny ops that would open a parallel region (the depth attention over <= 8 keys, the 3-tap
   conv of a decode step) are written as elementwise math that stays on one thread: with the
   cores busy (a shared machine), every parallel region can cost a scheduler time slice.

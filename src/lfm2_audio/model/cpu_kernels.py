@@ -8,8 +8,8 @@ prepack (CPUs without bf16 arithmetic) and for int8 weights on any x86 CPU with 
 one-row product (`bf16_linear`, `int8_linear`), the depthformer's codebook step as one call
 (`DepthStep`: every layer and the head, in place of ~250 small torch ops), and the backbone's
 one-position step as one call (`BackboneStep`: every layer and the final norm, ~400 ops). More
-rows (prefill, serving batches) are compute-bound: `gemm` widens the weights in registers and
-runs 1.1-1.3x the speed of torch's converted fp32 GEMM for a 4 s prompt's 73 rows, and
+rows (prefill, serving batches) are compute-bound: `gemm` widens a few weight rows at a time
+and runs 1.1-1.5x the speed of torch's converted fp32 GEMM for a 4 s prompt's 73 rows, and
 2.4-5x its bf16 matmul at 5-16 rows, up to GEMM_MAX_ROWS (quantize.use_cpu_gemm says where).
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is
@@ -38,8 +38,8 @@ SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 MAX_ROWS = 4  # the C file's MAX_ROWS
 # Above this many rows oneDNN's fp32 GEMM on a converted weight (its blocking made for large
-# products) overtakes the kernels' GEMM: 2-core AVX2 EPYC, a 6144 x 2048 weight, even at 128-192
-# rows, 0.8x at 300 and 0.7x at 1000.
+# products) overtakes the kernels' GEMM: 2-core AVX2 EPYC, a 6144 x 2048 weight, the kernels 1.1x
+# at 96-128 rows, even at 192, 0.9x at 300-600.
 GEMM_MAX_ROWS = 128
 ENV_SWITCH = "LFM2_AUDIO_CPU_KERNELS"
 

@@ -9,9 +9,9 @@ with one symmetric scale per output channel (row). Two ways to multiply (`quanti
               of cpu_kernels.py (about twice the speed of torch's `aten._weight_int8pack_mm`
               on a 2-core AVX2 CPU; that kernel is the fallback where cpu_kernels cannot build);
               for more bf16 rows (prefill, batches) on a CPU without bf16 arithmetic,
-              cpu_kernels' GEMM (the int8 values widened in registers); elsewhere, for many
-              rows convert the int8 values to the activation dtype and run the dense GEMM,
-              which is compute-bound there and ~3x faster than the GEMV kernel; fp32
+              cpu_kernels' GEMM (the int8 values widened a few rows at a time); elsewhere,
+              for many rows convert the int8 values to the activation dtype and run the
+              dense GEMM, which is compute-bound there and ~3x faster than the GEMV kernel; fp32
               activations always convert (the int8 kernel's fp32 path is ~20x
               slower than bf16), so int8 is meant for bf16 models.
   "int8-dyn"  dynamic activation quantization: each activation row is also rounded to int8
@@ -120,8 +120,8 @@ def matmul_dtype(x2: torch.Tensor) -> torch.dtype:
 
 def use_cpu_gemm(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether cpu_kernels' GEMM is the kernel for these many bf16 rows: on a CPU without bf16
-    arithmetic it widens the weight in registers, 2.4-5x torch's speed at 5-16 rows and 1.1-1.3x
-    converting the weight for oneDNN's fp32 GEMM at 73 (a 4 s prompt's prefill), up to
+    arithmetic it widens the weight into a small fp32 panel, 2.4-5x torch's speed at 5-16 rows and
+    1.1-1.5x converting the whole weight for oneDNN's fp32 GEMM at 73 (a 4 s prompt's prefill), up to
     cpu_kernels.GEMM_MAX_ROWS, where oneDNN's blocking for large products takes over."""
     return cpu_kernels.gemm_usable(x2, bias) and not native_half(torch.bfloat16)
 

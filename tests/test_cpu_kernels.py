@@ -195,6 +195,37 @@ def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
+def test_prefill_and_batches_run_the_gemm(monkeypatch, quantize):
+    """Prefill and a step of 8 rows (more than the one-row kernels take) go through the kernels'
+    GEMM, as on a CPU without bf16 arithmetic, and compute the plain path's hidden states to
+    bf16 rounding."""
+    from lfm2_audio.model import quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "native_half", lambda dtype: False)
+    calls = {"n": 0}
+    gemm = cpu_kernels.gemm
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return gemm(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "gemm", counted)
+    plain, engine = _kernel_engine(quantize)
+    g = torch.Generator().manual_seed(1)
+    D = plain.cfg.lfm.hidden_size
+    prompt = torch.randn(8, 12, D, generator=g).bfloat16()
+    with torch.inference_mode():
+        caches = [m.lfm.new_cache(8, 16) for m in (plain, engine)]
+        want, got = (m.lfm(prompt, c).float() for m, c in zip((plain, engine), caches))  # 96 rows a product
+        assert F.cosine_similarity(got, want, dim=-1).min() > 0.999
+        prefill_calls = calls["n"]
+        x = torch.randn(8, 1, D, generator=g).bfloat16()
+        want, got = (m.lfm(x, c)[:, -1].float() for m, c in zip((plain, engine), caches))  # 8 rows
+        assert F.cosine_similarity(got, want, dim=-1).min() > 0.999
+    assert prefill_calls > 0 and calls["n"] > prefill_calls
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
 def test_depthformer_step_in_one_call_matches_the_torch_ops(quantize):
     """The codebook step as one kernel call (every layer, then the head) computes the frame the
     engine's torch ops compute: the same codes, greedy and sampled, and logits to rounding."""

@@ -350,9 +350,10 @@ static inline __attribute__((always_inline)) void gemm_group(const float *panel,
 }
 
 /* y's columns [0, C) of every row, from one panel of C <= GEMM_PANEL weight rows. A row tile's
-   activations meet each group of GEMM_NR panel rows in turn, so they come from L2 once and
-   from L1 after. Meanwhile `next` (the next panel's weights) is fetched a few lines a tile: all
-   at once they would overrun the core's outstanding misses. */
+   activations meet each group of GEMM_NR panel rows in turn, so the second group finds them
+   in L1 where they fit (rows of up to ~2,000 columns). Meanwhile `next` (the next panel's
+   weights) is fetched a few lines a tile: all at once they would overrun the core's
+   outstanding misses. */
 static void gemm_columns(const float *panel, Epilogue e, const float *xf, uint16_t *y, int m, int C, int n, int k,
                          Prefetch next) {
     int tiles = (m + GEMM_MR - 1) / GEMM_MR;

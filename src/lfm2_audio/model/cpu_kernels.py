@@ -172,6 +172,9 @@ def gemm(x2: torch.Tensor, weight: torch.Tensor, scales32: torch.Tensor | None =
     n = weight.shape[0]
     if weight.shape[1] != k or not weight.is_contiguous():
         raise ValueError(f"rows of {k} values against a {tuple(weight.shape)} weight (contiguous)")
+    if weight.dtype != (torch.bfloat16 if scales32 is None else torch.int8):
+        raise ValueError(f"the CPU GEMM takes a bf16 weight, or an int8 one with its scales, not {weight.dtype}"
+                         f"{'' if scales32 is None else ' with scales'}")
     x2 = x2.contiguous()
     y = torch.empty(rows, n, dtype=torch.bfloat16)
     rc = library().lfm_gemm(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, n, k,

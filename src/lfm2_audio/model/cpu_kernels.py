@@ -135,12 +135,22 @@ def _check(rc: int) -> None:
         raise MemoryError("a CPU decode kernel could not allocate its buffers")
 
 
+def _output(x2, weight, scales32) -> torch.Tensor:
+    """The bf16 [rows, N] result of x2 [rows, K] against this weight, after checking that the
+    kernels can read the pair: matching columns, contiguous, and bf16, or int8 with its scales."""
+    k = x2.shape[1]
+    if weight.shape[1] != k or not (x2.is_contiguous() and weight.is_contiguous()):
+        raise ValueError(f"rows of {k} values against a {tuple(weight.shape)} weight (both contiguous)")
+    if weight.dtype != (torch.bfloat16 if scales32 is None else torch.int8):
+        raise ValueError(f"the CPU kernels take a bf16 weight, or an int8 one with its scales, not {weight.dtype}"
+                         f"{'' if scales32 is None else ' with scales'}")
+    return torch.empty(x2.shape[0], weight.shape[0], dtype=torch.bfloat16)
+
+
 def _linear(x2, weight, scales32, bias):
     rows, k = x2.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or not (x2.is_contiguous() and weight.is_contiguous()):
-        raise ValueError(f"rows of {k} values against a {tuple(weight.shape)} weight (both contiguous)")
-    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    y = _output(x2, weight, scales32)
     _check(library().lfm_linear(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(),
                                 rows, n, k, torch.get_num_threads()))
     return y
@@ -168,15 +178,10 @@ def gemm(x2: torch.Tensor, weight: torch.Tensor, scales32: torch.Tensor | None =
          bias: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [rows, K] bf16 @ weight.T (+ bias [N] bf16) for many rows (prefill): weight [N, K]
     bf16, or int8 times fp32 row scales; fp32 sums, rounded once to bf16. `gemm_usable(x2)`."""
+    x2 = x2.contiguous()
     rows, k = x2.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or not weight.is_contiguous():
-        raise ValueError(f"rows of {k} values against a {tuple(weight.shape)} weight (contiguous)")
-    if weight.dtype != (torch.bfloat16 if scales32 is None else torch.int8):
-        raise ValueError(f"the CPU GEMM takes a bf16 weight, or an int8 one with its scales, not {weight.dtype}"
-                         f"{'' if scales32 is None else ' with scales'}")
-    x2 = x2.contiguous()
-    y = torch.empty(rows, n, dtype=torch.bfloat16)
+    y = _output(x2, weight, scales32)
     rc = library().lfm_gemm(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, n, k,
                             torch.get_num_threads())
     if rc == -1:

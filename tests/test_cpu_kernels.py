@@ -154,6 +154,27 @@ def test_switched_off_or_without_a_compiler(monkeypatch, tmp_path):
     assert cpu_kernels.library() is not None
 
 
+def _prefill_both(plain, engine, rows: int, seed: int):
+    """One random prompt of 12 positions for `rows` rows through both models: (the generator
+    for what follows, their caches, their hidden states)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randn(rows, 12, plain.cfg.lfm.hidden_size, generator=g).bfloat16()
+    caches = [m.lfm.new_cache(rows, 32) for m in (plain, engine)]
+    return g, caches, [m.lfm(prompt, c) for m, c in zip((plain, engine), caches)]
+
+
+def _counted(monkeypatch, name: str) -> dict:
+    """Counts the calls to cpu_kernels.<name> in calls["n"] from here on."""
+    calls, kernel = {"n": 0}, getattr(cpu_kernels, name)
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, name, counted)
+    return calls
+
+
 def _kernel_engine(quantize):
     """A bf16 test model (int8 with `quantize`) and the engine over it, weights unprepacked as on
     a CPU without bf16 arithmetic."""
@@ -168,21 +189,11 @@ def test_engine_decodes_through_the_kernels(monkeypatch, quantize):
     """The bf16 engine without oneDNN prepacking (CPUs without bf16 arithmetic) and the int8
     engine run their one-row products through the kernels, and their decode steps compute the
     plain path's numbers to bf16 rounding."""
-    calls = {"n": 0}
-    kernel = cpu_kernels.int8_linear if quantize else cpu_kernels.bf16_linear
-
-    def counted(*args):
-        calls["n"] += 1
-        return kernel(*args)
-
-    monkeypatch.setattr(cpu_kernels, kernel.__name__, counted)
+    calls = _counted(monkeypatch, "int8_linear" if quantize else "bf16_linear")
     plain, engine = _kernel_engine(quantize)
-    g = torch.Generator().manual_seed(0)
     D = plain.cfg.lfm.hidden_size
-    prompt = torch.randn(1, 12, D, generator=g).bfloat16()
     with torch.inference_mode():
-        caches = [m.lfm.new_cache(1, 32) for m in (plain, engine)]
-        states = [m.lfm(prompt, c)[:, -1] for m, c in zip((plain, engine), caches)]
+        g, caches, _ = _prefill_both(plain, engine, rows=1, seed=0)
         for step in range(6):  # the same inputs to both, one position at a time
             x = torch.randn(1, 1, D, generator=g).bfloat16()
             states = [m.lfm(x, c)[:, -1] for m, c in zip((plain, engine), caches)]
@@ -205,24 +216,13 @@ def test_prefill_and_batches_run_the_gemm(monkeypatch, quantize):
     from lfm2_audio.model import quantize as quantize_module
 
     monkeypatch.setattr(quantize_module, "native_half", lambda dtype: False)
-    calls = {"n": 0}
-    gemm = cpu_kernels.gemm
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return gemm(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_kernels, "gemm", counted)
+    calls = _counted(monkeypatch, "gemm")
     plain, engine = _kernel_engine(quantize)
-    g = torch.Generator().manual_seed(1)
-    D = plain.cfg.lfm.hidden_size
-    prompt = torch.randn(8, 12, D, generator=g).bfloat16()
     with torch.inference_mode():
-        caches = [m.lfm.new_cache(8, 16) for m in (plain, engine)]
-        want, got = (m.lfm(prompt, c).float() for m, c in zip((plain, engine), caches))  # 96 rows a product
-        assert F.cosine_similarity(got, want, dim=-1).min() > 0.999
+        g, caches, (want, got) = _prefill_both(plain, engine, rows=8, seed=1)  # 96 rows a product
+        assert F.cosine_similarity(got.float(), want.float(), dim=-1).min() > 0.999
         prefill_calls = calls["n"]
-        x = torch.randn(8, 1, D, generator=g).bfloat16()
+        x = torch.randn(8, 1, plain.cfg.lfm.hidden_size, generator=g).bfloat16()
         want, got = (m.lfm(x, c)[:, -1].float() for m, c in zip((plain, engine), caches))  # 8 rows
         assert F.cosine_similarity(got, want, dim=-1).min() > 0.999
     assert prefill_calls > 0 and calls["n"] > prefill_calls

@@ -60,7 +60,11 @@ def gemm_lines(rows: int, repeats: int) -> None:
                                                      for q, s in int8], repeats)
         line["int8_torch_gflops"] = gflop / best_pass_s([lambda q=q, s=s: converted_linear(x, q, s)
                                                          for q, s in int8], repeats)
-        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
+        print_line(line)
+
+
+def print_line(line: dict) -> None:
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
 
 
 @torch.inference_mode()
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
                                                for q, s in int8], args.repeats)
         line["int8_torch_gbs"] = gb / best_pass_s([lambda q=q, s=s: torch.ops.aten._weight_int8pack_mm(x, q, s)
                                                    for q, s in int8], args.repeats)
-        print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
+        print_line(line)
     big = torch.ones(1 << 29, dtype=torch.bfloat16)
     print(json.dumps({"read_gbs": round(2 ** 30 / best_pass_s([big.sum], args.repeats) / 1e9, 1)}))
     return 0

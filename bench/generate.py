@@ -110,10 +110,14 @@ def memory_bandwidth_gbs(repeats: int = 5, device="cpu") -> float:
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.ones((1 << 30) // torch.tensor([], dtype=dtype).element_size(), dtype=dtype, device=device)
         a.sum()
-        t = min(_timed(a.sum) for _ in range(repeats))
-        best = max(best, a.numel() * a.element_size() / t / 1e9)
+        best = max(best, read_gbs(a, repeats))
         del a
     return best
+
+
+def read_gbs(a: torch.Tensor, repeats: int) -> float:
+    """GB/s of the best of `repeats` sums over `a`."""
+    return a.numel() * a.element_size() / min(_timed(a.sum) for _ in range(repeats)) / 1e9
 
 
 def frame_bytes(model) -> int:
@@ -182,7 +186,7 @@ def paired_floor(frames, n_frames: int, frame_bytes: int, rounds: int) -> dict:
     big.sum()
     ratios, readings = [], []
     for _ in range(rounds):
-        gbs = big.numel() * 2 / min(_timed(big.sum) for _ in range(2)) / 1e9
+        gbs = read_gbs(big, 2)
         step_s = _timed(frames) / n_frames
         readings.append(gbs)
         ratios.append(step_s * gbs * 1e9 / frame_bytes)
@@ -450,8 +454,9 @@ def main(argv=None) -> int:
     result["cpu_kernel_steps"] = [name for name, part in (("backbone", fast.lfm), ("depth", fast.depth))
                                   if getattr(part, "cpu_step", None) is not None]
     t = time.perf_counter()
-    result["fast"] = measure(fast, prompt, **timing, frame_bytes=None if cuda else fast.bytes_per_frame())
-    result["fast"]["frame_bytes_gb"] = fast.bytes_per_frame() / 1e9
+    fast_bytes = fast.bytes_per_frame()
+    result["fast"] = measure(fast, prompt, **timing, frame_bytes=None if cuda else fast_bytes)
+    result["fast"]["frame_bytes_gb"] = fast_bytes / 1e9
     if do_sweep:
         result["fast"]["sweep"] = sweep(fast, prompt, batches, args.frames, args.repeats)
     result["fast_bench_s"] = round(time.perf_counter() - t, 1)  # graph captures and compiles included

@@ -64,7 +64,7 @@ from ..model.lfm2 import rope_inv_freq
 from ..model.lfm2_audio import run_encoder
 from ..model import cpu_kernels
 from ..model.quantize import (HALF, Int4Linear, Int8Linear, converted_linear, int4_linear, int8_dynamic_linear, int8_linear,
-                              matmul_dtype, native_half, use_cpu_gemm, use_int8_gemv)
+                              matmul_dtype, native_half, use_cpu_gemm)
 from .sampling import GREEDY, Sampling, sample
 
 
@@ -130,8 +130,7 @@ class FusedLinear:
             self.weight = _concat_into(modules, "weight")
             self.scales = torch.cat([m.scales for m in modules])
             self.bytes = self.weight.numel() + self.scales.numel() * self.scales.element_size()
-            self._gemv_scales = {}  # scales in each activation dtype the int8 GEMV kernel sees
-            self._scales32 = self.scales.float()  # for cpu_kernels's int8 kernel
+            self._scales32 = self.scales.float()  # for cpu_kernels's int8 kernels
             self._scales127 = self.scales.float() / 127.0  # for the dynamic (int8 x int8) kernel
             return
         self.weight = _concat_into(modules, "weight", rewrite=not prepack)
@@ -165,17 +164,7 @@ class FusedLinear:
         if self.quantized:
             if self.dynamic:
                 return int8_dynamic_linear(x, self.weight, self._scales127, self.bias)
-            if cpu_kernels.usable(x, self.bias):
-                return cpu_kernels.int8_linear(x.contiguous(), self.weight, self._scales32, self.bias)
-            if use_cpu_gemm(x, self.bias):
-                return cpu_kernels.gemm(x, self.weight, self._scales32, self.bias)
-            if use_int8_gemv(x):
-                scales = self._gemv_scales.get(x.dtype)
-                if scales is None:
-                    scales = self._gemv_scales[x.dtype] = self.scales.to(x.dtype)
-                y = torch.ops.aten._weight_int8pack_mm(x, self.weight, scales)
-                return y if self.bias is None else y + self.bias
-            return int8_linear(x, self.weight, self.scales, self.bias)
+            return int8_linear(x, self.weight, self.scales, self.bias, scales32=self._scales32)
         if self._bf16_kernel and cpu_kernels.usable(x, self.bias):
             return cpu_kernels.bf16_linear(x.contiguous(), self.weight, self.bias)
         if self._bf16_kernel and use_cpu_gemm(x, self.bias):

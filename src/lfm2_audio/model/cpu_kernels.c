@@ -228,9 +228,7 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
 #define GEMM_MR 3
 #define GEMM_NR 4
 #define GEMM_ROW_BLOCK 96 /* a multiple of GEMM_MR */
-#ifndef GEMM_PANEL
 #define GEMM_PANEL 8 /* weight rows widened at a time: two groups of GEMM_NR */
-#endif
 
 /* What a tile's sums are for: the weight rows' scales (int8) and bias (bf16), either NULL. */
 typedef struct {
@@ -408,8 +406,8 @@ static int gemm_rows(const void *weight, const float *scales, const uint16_t *x,
 int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
              int n, int k, int threads) {
     if (rows < 1 || n < 1 || k < 16 || k % 16) return -1;
-    /* Blocks of rows: the activation block that stays in L2 keeps a useful width of columns,
-       and the buffers stay small for a long prompt (the weights are read once a block). */
+    /* Blocks of rows: a block's activations stay in the caches while every panel passes them,
+       and the buffers stay small for a long prompt (each block widens the weights once). */
     for (int r0 = 0; r0 < rows; r0 += GEMM_ROW_BLOCK) {
         int rc = gemm_rows(weight, scales, x + (long)r0 * k, bias, y + (long)r0 * n,
                            rows - r0 < GEMM_ROW_BLOCK ? rows - r0 : GEMM_ROW_BLOCK, n, k, threads);

@@ -126,14 +126,18 @@ def use_cpu_gemm(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     return cpu_kernels.gemm_usable(x2, bias) and not native_half(torch.bfloat16)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ (q * scales[:, None]).T (+ bias) with the fastest kernel for the shape."""
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                scales32: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ (q * scales[:, None]).T (+ bias) with the fastest kernel for the shape.
+    scales32: the scales in fp32 for cpu_kernels, when the caller keeps them (else converted)."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    if cpu_kernels.usable(x2, bias):
-        return cpu_kernels.int8_linear(x2.contiguous(), q, scales.float(), bias).reshape(*lead, q.shape[0])
-    if use_cpu_gemm(x2, bias):
-        return cpu_kernels.gemm(x2, q, scales.float(), bias).reshape(*lead, q.shape[0])
+    # cpu_kernels: one to four rows, or the GEMM for more
+    kernel = (cpu_kernels.int8_linear if cpu_kernels.usable(x2, bias)
+              else cpu_kernels.gemm if use_cpu_gemm(x2, bias) else None)
+    if kernel is not None:
+        y = kernel(x2.contiguous(), q, scales.float() if scales32 is None else scales32, bias)
+        return y.reshape(*lead, q.shape[0])
     if use_int8_gemv(x2):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scales.to(x2.dtype))
     else:

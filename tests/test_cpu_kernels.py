@@ -94,10 +94,13 @@ def test_usable_only_for_few_bf16_cpu_rows():
     assert not cpu_kernels.gemm_usable(torch.zeros(5, 16, dtype=torch.bfloat16), torch.zeros(3))  # fp32 bias
 
 
-# (activation rows, weight rows, columns): whole 3 x 4 tiles and every kind of edge (1-2 rows
-# left, 1-3 weight rows left); 73 rows x 2048 columns take several blocks of columns (the sums
-# carried between blocks), 5 rows x 8192 one block.
-GEMM_SHAPES = [(5, 7, 32), (6, 8, 16), (7, 2049, 64), (73, 30, 2048), (100, 13, 1024), (5, 9, 8192)]
+# (activation rows, weight rows, columns). Fewer than 16 rows (dot-product tiles): whole 3 x 4
+# tiles and every kind of edge (1-2 rows left, 1-3 weight rows left), 8192 columns. From 16 rows
+# (outer-product tiles): 16 and 24 rows (a last 8-row tile), 73 (padded to 80), 129 (two blocks of
+# rows), weight rows that are no multiple of 6 or that fill several chunks of 96, and 1040
+# columns (two blocks of 512 and a last one of 16).
+GEMM_SHAPES = [(5, 7, 32), (6, 8, 16), (7, 2049, 64), (5, 9, 8192), (16, 7, 32), (24, 200, 1040),
+               (73, 30, 2048), (100, 13, 1024), (129, 97, 64)]
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -118,13 +121,14 @@ def test_gemm_equals_fp32_product_rounded_once(with_bias):
 
 def test_gemm_rows_are_independent_and_nan_stays_in_its_row():
     w = torch.randn(12, 64).bfloat16()
-    x = torch.randn(9, 64).bfloat16()
+    x = torch.randn(40, 64).bfloat16()
     whole = cpu_kernels.gemm(x, w)
-    for r in range(5, 9):  # a row's result does not depend on which tile it lands in
+    for r in (5, 6, 7, 8, 15, 16, 23, 31, 39):  # a row's result does not depend on its tile, or on the kernel
         torch.testing.assert_close(cpu_kernels.gemm(x[:r + 1], w)[:r + 1], whole[:r + 1], rtol=BF16_ULP, atol=1e-3)
     x[2, 7] = float("nan")
-    got = cpu_kernels.gemm(x, w)
-    assert torch.isnan(got[2]).all() and not torch.isnan(got[torch.arange(9) != 2]).any()
+    for rows in (9, 40):  # both kernels
+        got = cpu_kernels.gemm(x[:rows], w)
+        assert torch.isnan(got[2]).all() and not torch.isnan(got[torch.arange(rows) != 2]).any()
     with pytest.raises(ValueError, match="16 columns"):
         cpu_kernels.gemm(torch.zeros(5, 24, dtype=torch.bfloat16), torch.zeros(3, 24, dtype=torch.bfloat16))
     for product in (cpu_kernels.gemm, cpu_kernels.bf16_linear):  # int8 values read as bf16 would be garbage

@@ -25,7 +25,7 @@ weight bytes over memory bandwidth plus per-op overhead. What the engine does ab
   and cos/sin tables for the 8 positions; sampling stays on the device.
 * On a CPU without bf16 arithmetic (no AVX-512 or AVX-NE-CONVERT: oneDNN cannot prepack
   there), torch's bf16 matmul falls back to a path ~3x slower than fp32 for many rows. There,
-  matmuls of 5-128 rows (prefill, serving batches) run cpu_kernels' GEMM, which widens the
+  matmuls of 5-192 rows (prefill, serving batches) run cpu_kernels' GEMM, which widens the
   weight a few rows at a time (more rows, or where the kernels cannot build: 16+ rows
   convert the whole weight into a reused fp32 buffer for oneDNN), the audio encoder runs an
   fp32 copy of itself (a few hundred MB at official size), and the short conv runs as

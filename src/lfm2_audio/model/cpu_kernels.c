@@ -28,6 +28,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -217,18 +218,31 @@ int lfm_linear(const void *weight, const float *scales, const uint16_t *x, const
 
 /* Prefill multiplies tens of rows by each weight: compute-bound, not memory-bound. Without bf16
    arithmetic torch converts the whole weight to fp32 into a buffer and runs oneDNN's fp32 GEMM,
-   an extra pass over memory, and its bf16 fallback for fewer rows is slower still. Here a
-   thread widens GEMM_PANEL weight rows at a time into an fp32 panel that stays in L2, then
-   multiplies every activation row by it in tiles of GEMM_MR rows x GEMM_NR panel rows: 8-wide
-   fp32 dot products over the whole row, each sum reduced once and rounded once. Int8 weights
-   widen the same way; the row scale multiplies the finished sum. Whole rows, not blocks of
-   columns: carrying partial sums between blocks through memory cost more than the activations
-   falling out of L2 (2-core Zen 3: 50-55 against 30-45 GFLOP/s a core at 73 x 2048). */
+   an extra pass over memory, and its bf16 fallback for fewer rows is slower still. Two kernels,
+   both widening the weights to fp32 a few rows at a time, both with fp32 sums rounded once:
+
+   - Few rows (a serving batch, fewer than OP_MIN_ROWS): a thread widens GEMM_PANEL weight rows
+     into an fp32 panel, then multiplies every activation row by it in tiles of GEMM_MR rows x
+     GEMM_NR panel rows: 8-wide fp32 dot products over the whole row, each sum reduced once.
+     The panel is used by only a few tiles, so it is widened whole and read from L2.
+   - More rows (prefill): outer products. The activations are transposed once ([k][rows]) and
+     taken in blocks of OP_KC columns that stay in L2; a thread widens OP_NR weight rows of a
+     block into a panel that stays in L1, and each tile of 16 activation rows x OP_NR weight
+     rows adds, per column, two activation vectors times six broadcast weights into twelve
+     accumulators. Per 12 FMAs it loads 64 bytes from L2, against 224 for the dot-product
+     tile, whose loads from L2 held it to ~60% of the FMA peak. Partial sums live in a chunk of
+     OP_NC weight rows x rows (L2) between column blocks.
+
+   Int8 weights widen the same way; the row scale multiplies the finished sum. */
 
 #define GEMM_MR 3
 #define GEMM_NR 4
-#define GEMM_ROW_BLOCK 96 /* a multiple of GEMM_MR */
 #define GEMM_PANEL 8 /* weight rows widened at a time: two groups of GEMM_NR */
+#define OP_MIN_ROWS 16 /* from here on the outer-product tiles */
+#define OP_MAX_ROWS 128 /* activation rows at a time: their block of OP_KC columns stays in L2 */
+#define OP_NR 6         /* weight rows a tile: each broadcast against 16 activation rows */
+#define OP_KC 512       /* columns a block: the block's activations stay in L2, a panel in L1 */
+#define OP_NC 96        /* weight rows a chunk: the chunk's partial sums stay in L2 */
 
 /* What a tile's sums are for: the weight rows' scales (int8) and bias (bf16), either NULL. */
 typedef struct {
@@ -309,28 +323,32 @@ static inline __attribute__((always_inline)) void gemm_tile34(const float *panel
     gemm_store(acc, e, y, GEMM_MR, GEMM_NR, n);
 }
 
-/* panel [C, k] fp32 = weight rows [row0, row0 + C), widened (bf16, or int8 unscaled). */
-static void widen_panel(const void *weight, int int8, long row0, int C, int k, float *panel) {
-    for (int c = 0; c < C; c++) {
-        long at = (row0 + c) * k;
-        float *out = panel + (long)c * k;
-        if (int8)
-            for (int i = 0; i < k; i += 8)
-                _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                              _mm_loadl_epi64((const __m128i *)((const int8_t *)weight + at + i)))));
-        else
-            for (int i = 0; i < k; i += 8) _mm256_storeu_ps(out + i, widen_bf16((const uint16_t *)weight + at + i));
-    }
+/* out [count] fp32 = weight values [at, at + count) widened (bf16, or int8 unscaled); count a
+   multiple of 8. */
+static void widen_row(const void *weight, int int8, long at, int count, float *out) {
+    if (int8)
+        for (int i = 0; i < count; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                          _mm_loadl_epi64((const __m128i *)((const int8_t *)weight + at + i)))));
+    else
+        for (int i = 0; i < count; i += 8) _mm256_storeu_ps(out + i, widen_bf16((const uint16_t *)weight + at + i));
 }
 
-/* The cache lines of some weight bytes, fetched a few at a time. */
+/* The cache lines of `rows` runs of `bytes` weight bytes, `stride` bytes apart, fetched a few
+   at a time. */
 typedef struct {
     const char *at;
-    long lines, done;
+    long stride, bytes;
+    int rows;
+    long done;
 } Prefetch;
 
+static inline long prefetch_lines(const Prefetch *p) { return p->rows * ((p->bytes + 63) / 64); }
+
 static inline void prefetch_some(Prefetch *p, long count) {
-    for (; count > 0 && p->done < p->lines; count--, p->done++) _mm_prefetch(p->at + 64 * p->done, _MM_HINT_T0);
+    long per_row = (p->bytes + 63) / 64, total = p->rows * per_row;
+    for (; count > 0 && p->done < total; count--, p->done++)
+        _mm_prefetch(p->at + p->stride * (p->done / per_row) + 64 * (p->done % per_row), _MM_HINT_T0);
 }
 
 /* One tile of R activation rows against panel rows [c0, c0 + C) (C <= GEMM_NR). */
@@ -355,7 +373,7 @@ static inline __attribute__((always_inline)) void gemm_group(const float *panel,
 static void gemm_columns(const float *panel, Epilogue e, const float *xf, uint16_t *y, int m, int C, int n, int k,
                          Prefetch next) {
     int tiles = (m + GEMM_MR - 1) / GEMM_MR;
-    long per_tile = (next.lines + tiles - 1) / tiles;
+    long per_tile = (prefetch_lines(&next) + tiles - 1) / tiles;
     for (int r0 = 0; r0 < m; r0 += GEMM_MR) {
         prefetch_some(&next, per_tile);
         const float *x = xf + (long)r0 * k;
@@ -371,7 +389,7 @@ static void gemm_columns(const float *panel, Epilogue e, const float *xf, uint16
     }
 }
 
-/* lfm_gemm over at most GEMM_ROW_BLOCK rows. */
+/* y [rows, n] = x [rows, k] @ W.T for fewer than OP_MIN_ROWS rows: the dot-product tiles. */
 static int gemm_rows(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y,
                      int rows, int n, int k, int threads) {
     int int8 = scales != NULL, failed = 0, panels = (n + GEMM_PANEL - 1) / GEMM_PANEL;
@@ -389,8 +407,8 @@ static int gemm_rows(const void *weight, const float *scales, const uint16_t *x,
             if (!panel) continue;
             int j = b * GEMM_PANEL, C = n - j < GEMM_PANEL ? n - j : GEMM_PANEL;
             int after = n - j - C < GEMM_PANEL ? n - j - C : GEMM_PANEL;
-            widen_panel(weight, int8, j, C, k, panel);
-            Prefetch next = {(const char *)weight + (long)(j + C) * k * wsize, ((long)after * k * wsize + 63) / 64, 0};
+            for (int c = 0; c < C; c++) widen_row(weight, int8, (long)(j + c) * k, k, panel + (long)c * k);
+            Prefetch next = {(const char *)weight + (long)(j + C) * k * wsize, 0, (long)after * k * wsize, 1, 0};
             Epilogue e = {scales ? scales + j : NULL, bias ? bias + j : NULL};
             gemm_columns(panel, e, xf, y + j, rows, C, n, k, next);
         }
@@ -400,22 +418,153 @@ static int gemm_rows(const void *weight, const float *scales, const uint16_t *x,
     return failed ? -2 : 0;
 }
 
+/* The 16 x 6 outer-product tile as one asm loop (compilers spill its 12 accumulators): for
+   each of kc columns, activations xt[i][0..16) in ymm12-13 times each panel row's weight
+   (broadcast into ymm14 or ymm15) into the sums yt[j][0..16), j < 6, kept in ymm(2 j) and
+   ymm(2 j + 1) and loaded from / stored back to yt (rows mp floats apart). Panel rows 0-5 are
+   at p, p + ps, p + 2 ps, p3, p3 + ps, p3 + 2 ps. */
+#define OP_BCAST(at, b, c0, c1) "vbroadcastss " at ", %%ymm" b "\n\t" \
+    "vfmadd231ps %%ymm12, %%ymm" b ", %%ymm" c0 "\n\t" "vfmadd231ps %%ymm13, %%ymm" b ", %%ymm" c1 "\n\t"
+#define OP_SUMS(op, a, b) op " " a "(%[c])" b op " " a "32(%[c])" b op " " a "(%[c],%[cs])" b \
+    op " " a "32(%[c],%[cs])" b op " " a "(%[c],%[cs],2)" b op " " a "32(%[c],%[cs],2)" b op " " a "(%[c3])" b \
+    op " " a "32(%[c3])" b op " " a "(%[c3],%[cs])" b op " " a "32(%[c3],%[cs])" b \
+    op " " a "(%[c3],%[cs],2)" b op " " a "32(%[c3],%[cs],2)" b
+
+static inline void op_tile16(const float *xt, long mp, const float *panel, int kc, float *yt) {
+    long cs = 4 * mp, ps = 4L * kc, count = kc;
+    float *c = yt, *c3 = yt + 3 * mp;
+    const float *p = panel, *p3 = panel + 3L * kc, *x = xt;
+    __asm__ volatile("vmovups (%[c]), %%ymm0\n\t" "vmovups 32(%[c]), %%ymm1\n\t"
+                     "vmovups (%[c],%[cs]), %%ymm2\n\t" "vmovups 32(%[c],%[cs]), %%ymm3\n\t"
+                     "vmovups (%[c],%[cs],2), %%ymm4\n\t" "vmovups 32(%[c],%[cs],2), %%ymm5\n\t"
+                     "vmovups (%[c3]), %%ymm6\n\t" "vmovups 32(%[c3]), %%ymm7\n\t"
+                     "vmovups (%[c3],%[cs]), %%ymm8\n\t" "vmovups 32(%[c3],%[cs]), %%ymm9\n\t"
+                     "vmovups (%[c3],%[cs],2), %%ymm10\n\t" "vmovups 32(%[c3],%[cs],2), %%ymm11\n\t"
+                     "1:\n\t"
+                     "vmovups (%[x]), %%ymm12\n\t" "vmovups 32(%[x]), %%ymm13\n\t"
+                     OP_BCAST("(%[p])", "14", "0", "1") OP_BCAST("(%[p],%[ps])", "15", "2", "3")
+                     OP_BCAST("(%[p],%[ps],2)", "14", "4", "5") OP_BCAST("(%[p3])", "15", "6", "7")
+                     OP_BCAST("(%[p3],%[ps])", "14", "8", "9") OP_BCAST("(%[p3],%[ps],2)", "15", "10", "11")
+                     "add $4, %[p]\n\t" "add $4, %[p3]\n\t" "add %[cs], %[x]\n\t" "dec %[count]\n\t" "jnz 1b\n\t"
+                     "vmovups %%ymm0, (%[c])\n\t" "vmovups %%ymm1, 32(%[c])\n\t"
+                     "vmovups %%ymm2, (%[c],%[cs])\n\t" "vmovups %%ymm3, 32(%[c],%[cs])\n\t"
+                     "vmovups %%ymm4, (%[c],%[cs],2)\n\t" "vmovups %%ymm5, 32(%[c],%[cs],2)\n\t"
+                     "vmovups %%ymm6, (%[c3])\n\t" "vmovups %%ymm7, 32(%[c3])\n\t"
+                     "vmovups %%ymm8, (%[c3],%[cs])\n\t" "vmovups %%ymm9, 32(%[c3],%[cs])\n\t"
+                     "vmovups %%ymm10, (%[c3],%[cs],2)\n\t" "vmovups %%ymm11, 32(%[c3],%[cs],2)\n\t"
+                     : [p] "+r"(p), [p3] "+r"(p3), [x] "+r"(x), [count] "+r"(count)
+                     : [ps] "r"(ps), [c] "r"(c), [c3] "r"(c3), [cs] "r"(cs)
+                     : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+                       "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+}
+
+/* The 8 x 6 tile, for a last 8 rows (rows are padded to a multiple of 8). */
+static inline void op_tile8(const float *xt, long mp, const float *panel, int kc, float *yt) {
+    __m256 acc[OP_NR];
+    for (int j = 0; j < OP_NR; j++) acc[j] = _mm256_loadu_ps(yt + j * mp);
+    for (int i = 0; i < kc; i++) {
+        __m256 a = _mm256_loadu_ps(xt + (long)i * mp);
+        for (int j = 0; j < OP_NR; j++) acc[j] = _mm256_fmadd_ps(a, _mm256_broadcast_ss(panel + (long)j * kc + i), acc[j]);
+    }
+    for (int j = 0; j < OP_NR; j++) _mm256_storeu_ps(yt + j * mp, acc[j]);
+}
+
+/* Columns [k0, k0 + kc) of the chunk's weight rows [row0, row0 + rows) times the activations'
+   block xb [kc][mp], added to the chunk's sums yt [rows][mp]; `next` (the panel after the last
+   one here) is fetched meanwhile, a few lines a tile. */
+static void op_block(const void *weight, int int8, long row0, int rows, int n, int k, int k0, int kc,
+                     const float *xb, long mp, float *panel, float *yt, Prefetch *next) {
+    int tiles = (int)(mp / 16) + (mp % 16 != 0);
+    for (int q = 0; q < rows; q += OP_NR) {
+        long r = row0 + q;
+        for (int c = 0; c < OP_NR; c++) { /* rows past n widen to zeros */
+            if (r + c < n) widen_row(weight, int8, (r + c) * k + k0, kc, panel + (long)c * kc);
+            else memset(panel + (long)c * kc, 0, sizeof(float) * kc);
+        }
+        Prefetch ahead = *next;
+        if (q + OP_NR < rows) { /* the next panel: the chunk's following rows of this block */
+            long wsize = int8 ? 1 : 2;
+            int count = n - r - OP_NR < OP_NR ? (int)(n - r - OP_NR) : OP_NR;
+            ahead = (Prefetch){(const char *)weight + ((r + OP_NR) * k + k0) * wsize, k * wsize, kc * wsize, count, 0};
+        }
+        long per_tile = (prefetch_lines(&ahead) + tiles - 1) / tiles;
+        float *yq = yt + (long)q * mp;
+        long m0 = 0;
+        for (; m0 + 16 <= mp; m0 += 16) {
+            prefetch_some(&ahead, per_tile);
+            op_tile16(xb + m0, mp, panel, kc, yq + m0);
+        }
+        if (m0 < mp) op_tile8(xb + m0, mp, panel, kc, yq + m0);
+    }
+}
+
+/* lfm_gemm over at least OP_MIN_ROWS rows (at most OP_MAX_ROWS): the outer-product tiles. */
+static int op_rows(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                   int rows, int n, int k, int threads) {
+    int int8 = scales != NULL, failed = 0, panels = (n + OP_NR - 1) / OP_NR;
+    long mp = (rows + 7) / 8 * 8, wsize = int8 ? 1 : 2;
+    float *xt = aligned_alloc(64, sizeof(float) * mp * k);
+    if (!xt) return -2;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < k; i++) { /* transposed, rows padded with zeros */
+            float *column = xt + (long)i * mp;
+            for (int r = 0; r < rows; r++) column[r] = bf16_to_float(x[(long)r * k + i]);
+            for (int r = rows; r < mp; r++) column[r] = 0.0f;
+        }
+        float *panel = aligned_alloc(64, sizeof(float) * OP_NR * OP_KC);
+        float *yt = aligned_alloc(64, sizeof(float) * OP_NC * mp);
+        failed = !panel || !yt;
+        /* Each thread one run of whole panels, so the threads' shares differ by at most one. */
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        long first = (long)panels * t / T * OP_NR, last = (long)panels * (t + 1) / T * OP_NR;
+        last = last < n ? last : n;
+        for (long row0 = first; row0 < last && !failed; row0 += OP_NC) {
+            int chunk = last - row0 < OP_NC ? (int)(last - row0) : OP_NC;
+            memset(yt, 0, sizeof(float) * OP_NC * mp);
+            for (int k0 = 0; k0 < k; k0 += OP_KC) {
+                int kc = k - k0 < OP_KC ? k - k0 : OP_KC;
+                /* after this block's last panel: the chunk's first panel in the next block */
+                int next_kc = k - k0 - kc < OP_KC ? k - k0 - kc : OP_KC;
+                int next_rows = chunk < OP_NR ? chunk : OP_NR;
+                Prefetch next = {(const char *)weight + (row0 * k + k0 + kc) * wsize, k * wsize, next_kc * wsize,
+                                 next_kc ? next_rows : 0, 0};
+                op_block(weight, int8, row0, chunk, n, k, k0, kc, xt + (long)k0 * mp, mp, panel, yt, &next);
+            }
+            for (int r = 0; r < rows; r++) /* sums [chunk][mp] -> y's rows, scaled, biased, rounded */
+                for (int j = 0; j < chunk; j++) {
+                    float s = yt[(long)j * mp + r];
+                    if (scales) s *= scales[row0 + j];
+                    if (bias) s += bf16_to_float(bias[row0 + j]);
+                    y[(long)r * n + row0 + j] = float_to_bf16(s);
+                }
+        }
+        free(panel);
+        free(yt);
+    }
+    free(xt);
+    return failed ? -2 : 0;
+}
+
 /* y [rows, n] = x [rows, k] @ W.T (+ bias [n]) for many rows, x, bias and y bf16: fp32 sums,
    one rounding. scales NULL: bf16 weight; else int8 weight and fp32 row scales. k a multiple of 16.
    0 on success, -1 for a bad shape, -2 when out of memory. */
 int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y, int rows,
              int n, int k, int threads) {
     if (rows < 1 || n < 1 || k < 16 || k % 16) return -1;
-    /* Blocks of rows: a block's activations stay in the caches while every panel passes them,
-       and the buffers stay small for a long prompt (each block widens the weights once). */
-    for (int r0 = 0; r0 < rows; r0 += GEMM_ROW_BLOCK) {
-        int rc = gemm_rows(weight, scales, x + (long)r0 * k, bias, y + (long)r0 * n,
-                           rows - r0 < GEMM_ROW_BLOCK ? rows - r0 : GEMM_ROW_BLOCK, n, k, threads);
+    if (rows < OP_MIN_ROWS) return gemm_rows(weight, scales, x, bias, y, rows, n, k, threads);
+    /* Blocks of rows: a block's activations stay in L2 while every weight passes them, and the
+       buffers stay small for a long prompt (each block widens the weights once); blocks of equal
+       size, so none is left with a few rows. */
+    int blocks = (rows + OP_MAX_ROWS - 1) / OP_MAX_ROWS, per_block = (rows + blocks - 1) / blocks;
+    for (int r0 = 0; r0 < rows; r0 += per_block) {
+        int count = rows - r0 < per_block ? rows - r0 : per_block;
+        int rc = op_rows(weight, scales, x + (long)r0 * k, bias, y + (long)r0 * n, count, n, k, threads);
         if (rc) return rc;
     }
     return 0;
 }
-
 /* ---- pieces of both steps -------------------------------------------------------------------- */
 
 /* 1 / rms(x) over n values, in fp32 (torch's rms_norm of an fp32 tensor). */

@@ -9,8 +9,9 @@ one-row product (`bf16_linear`, `int8_linear`), the depthformer's codebook step 
 (`DepthStep`: every layer and the head, in place of ~250 small torch ops), and the backbone's
 one-position step as one call (`BackboneStep`: every layer and the final norm, ~400 ops). More
 rows (prefill, serving batches) are compute-bound: `gemm` widens a few weight rows at a time
-and runs 1.1-1.5x the speed of torch's converted fp32 GEMM for a 4 s prompt's 73 rows, and
-2.4-5x its bf16 matmul at 5-16 rows, up to GEMM_MAX_ROWS (quantize.use_cpu_gemm says where).
+(dot-product tiles below 16 rows, outer-product tiles from 16) and runs 1.2-1.6x the speed of
+torch's converted fp32 GEMM for a 4 s prompt's 73 rows, and 2.4-5x its bf16 matmul at 5-16
+rows, up to GEMM_MAX_ROWS (quantize.use_cpu_gemm says where).
 
 The C file is compiled with the system C compiler into a per-user cache the first time it is
 needed (about a second; the file and flags name the library, so an edit rebuilds it). No
@@ -37,10 +38,11 @@ SOURCE = Path(__file__).with_suffix(".c")
 # -ffp-contract=off: a * b + c stays two roundings, as in torch's elementwise ops
 FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 MAX_ROWS = 4  # the C file's MAX_ROWS
-# Above this many rows oneDNN's fp32 GEMM on a converted weight (its blocking made for large
-# products) overtakes the kernels' GEMM: 2-core AVX2 EPYC, a 6144 x 2048 weight, the kernels 1.1x
-# at 96-128 rows, even at 192, 0.9x at 300-600.
-GEMM_MAX_ROWS = 128
+# Above this many rows oneDNN's fp32 GEMM on a converted weight (converted once, where the
+# kernels widen the weight again for every block of 128 rows) catches up with the kernels' GEMM:
+# 2-core AVX2 EPYC, 6144 x 2048 and 2048 x 8192 weights, the kernels 1.07-1.09x at 128 rows,
+# 1.13-1.17x at 192, 0.9-1.03x at 256-600.
+GEMM_MAX_ROWS = 192
 ENV_SWITCH = "LFM2_AUDIO_CPU_KERNELS"
 
 

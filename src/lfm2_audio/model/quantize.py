@@ -120,9 +120,9 @@ def matmul_dtype(x2: torch.Tensor) -> torch.dtype:
 
 def use_cpu_gemm(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether cpu_kernels' GEMM is the kernel for these many bf16 rows: on a CPU without bf16
-    arithmetic it widens the weight into a small fp32 panel, 2.4-5x torch's speed at 5-16 rows and
-    1.1-1.5x converting the whole weight for oneDNN's fp32 GEMM at 73 (a 4 s prompt's prefill), up to
-    cpu_kernels.GEMM_MAX_ROWS, where oneDNN's blocking for large products takes over."""
+    arithmetic it widens the weight into small fp32 panels, 2.4-5x torch's speed at 5-16 rows and
+    1.4-1.8x converting the whole weight for oneDNN's fp32 GEMM at 73 (a 4 s prompt's prefill), up
+    to cpu_kernels.GEMM_MAX_ROWS, where oneDNN's blocking for large products catches up."""
     return cpu_kernels.gemm_usable(x2, bias) and not native_half(torch.bfloat16)
 
 

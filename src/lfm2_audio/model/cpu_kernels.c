@@ -335,20 +335,21 @@ static void widen_row(const void *weight, int int8, long at, int count, float *o
 }
 
 /* The cache lines of `rows` runs of `bytes` weight bytes, `stride` bytes apart, fetched a few
-   at a time. */
+   at a time (`row`, `line`: where the next one is). */
 typedef struct {
     const char *at;
     long stride, bytes;
-    int rows;
-    long done;
+    int rows, row;
+    long line;
 } Prefetch;
 
 static inline long prefetch_lines(const Prefetch *p) { return p->rows * ((p->bytes + 63) / 64); }
 
 static inline void prefetch_some(Prefetch *p, long count) {
-    long per_row = (p->bytes + 63) / 64, total = p->rows * per_row;
-    for (; count > 0 && p->done < total; count--, p->done++)
-        _mm_prefetch(p->at + p->stride * (p->done / per_row) + 64 * (p->done % per_row), _MM_HINT_T0);
+    for (; count > 0 && p->row < p->rows; count--) {
+        _mm_prefetch(p->at + p->stride * p->row + 64 * p->line, _MM_HINT_T0);
+        if (64 * ++p->line >= p->bytes) p->line = 0, p->row++;
+    }
 }
 
 /* One tile of R activation rows against panel rows [c0, c0 + C) (C <= GEMM_NR). */
@@ -408,7 +409,7 @@ static int gemm_rows(const void *weight, const float *scales, const uint16_t *x,
             int j = b * GEMM_PANEL, C = n - j < GEMM_PANEL ? n - j : GEMM_PANEL;
             int after = n - j - C < GEMM_PANEL ? n - j - C : GEMM_PANEL;
             for (int c = 0; c < C; c++) widen_row(weight, int8, (long)(j + c) * k, k, panel + (long)c * k);
-            Prefetch next = {(const char *)weight + (long)(j + C) * k * wsize, 0, (long)after * k * wsize, 1, 0};
+            Prefetch next = {(const char *)weight + (long)(j + C) * k * wsize, 0, (long)after * k * wsize, 1, 0, 0};
             Epilogue e = {scales ? scales + j : NULL, bias ? bias + j : NULL};
             gemm_columns(panel, e, xf, y + j, rows, C, n, k, next);
         }
@@ -419,17 +420,12 @@ static int gemm_rows(const void *weight, const float *scales, const uint16_t *x,
 }
 
 /* The 16 x 6 outer-product tile as one asm loop (compilers spill its 12 accumulators): for
-   each of kc columns, activations xt[i][0..16) in ymm12-13 times each panel row's weight
+   each of kc columns, activations xt[i][0..16) (16 floats a column) in ymm12-13 times each panel row's weight
    (broadcast into ymm14 or ymm15) into the sums yt[j][0..16), j < 6, kept in ymm(2 j) and
    ymm(2 j + 1) and loaded from / stored back to yt (rows mp floats apart). Panel rows 0-5 are
    at p, p + ps, p + 2 ps, p3, p3 + ps, p3 + 2 ps. */
 #define OP_BCAST(at, b, c0, c1) "vbroadcastss " at ", %%ymm" b "\n\t" \
     "vfmadd231ps %%ymm12, %%ymm" b ", %%ymm" c0 "\n\t" "vfmadd231ps %%ymm13, %%ymm" b ", %%ymm" c1 "\n\t"
-#define OP_SUMS(op, a, b) op " " a "(%[c])" b op " " a "32(%[c])" b op " " a "(%[c],%[cs])" b \
-    op " " a "32(%[c],%[cs])" b op " " a "(%[c],%[cs],2)" b op " " a "32(%[c],%[cs],2)" b op " " a "(%[c3])" b \
-    op " " a "32(%[c3])" b op " " a "(%[c3],%[cs])" b op " " a "32(%[c3],%[cs])" b \
-    op " " a "(%[c3],%[cs],2)" b op " " a "32(%[c3],%[cs],2)" b
-
 static inline void op_tile16(const float *xt, long mp, const float *panel, int kc, float *yt) {
     long cs = 4 * mp, ps = 4L * kc, count = kc;
     float *c = yt, *c3 = yt + 3 * mp;
@@ -445,7 +441,7 @@ static inline void op_tile16(const float *xt, long mp, const float *panel, int k
                      OP_BCAST("(%[p])", "14", "0", "1") OP_BCAST("(%[p],%[ps])", "15", "2", "3")
                      OP_BCAST("(%[p],%[ps],2)", "14", "4", "5") OP_BCAST("(%[p3])", "15", "6", "7")
                      OP_BCAST("(%[p3],%[ps])", "14", "8", "9") OP_BCAST("(%[p3],%[ps],2)", "15", "10", "11")
-                     "add $4, %[p]\n\t" "add $4, %[p3]\n\t" "add %[cs], %[x]\n\t" "dec %[count]\n\t" "jnz 1b\n\t"
+                     "add $4, %[p]\n\t" "add $4, %[p3]\n\t" "add $64, %[x]\n\t" "dec %[count]\n\t" "jnz 1b\n\t"
                      "vmovups %%ymm0, (%[c])\n\t" "vmovups %%ymm1, 32(%[c])\n\t"
                      "vmovups %%ymm2, (%[c],%[cs])\n\t" "vmovups %%ymm3, 32(%[c],%[cs])\n\t"
                      "vmovups %%ymm4, (%[c],%[cs],2)\n\t" "vmovups %%ymm5, 32(%[c],%[cs],2)\n\t"
@@ -458,22 +454,23 @@ static inline void op_tile16(const float *xt, long mp, const float *panel, int k
                        "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
 }
 
-/* The 8 x 6 tile, for a last 8 rows (rows are padded to a multiple of 8). */
+/* The 8 x 6 tile, for a last 8 rows (rows are padded to a multiple of 8): xt [kc][8]. */
 static inline void op_tile8(const float *xt, long mp, const float *panel, int kc, float *yt) {
     __m256 acc[OP_NR];
     for (int j = 0; j < OP_NR; j++) acc[j] = _mm256_loadu_ps(yt + j * mp);
     for (int i = 0; i < kc; i++) {
-        __m256 a = _mm256_loadu_ps(xt + (long)i * mp);
+        __m256 a = _mm256_loadu_ps(xt + 8L * i);
         for (int j = 0; j < OP_NR; j++) acc[j] = _mm256_fmadd_ps(a, _mm256_broadcast_ss(panel + (long)j * kc + i), acc[j]);
     }
     for (int j = 0; j < OP_NR; j++) _mm256_storeu_ps(yt + j * mp, acc[j]);
 }
 
-/* Columns [k0, k0 + kc) of the chunk's weight rows [row0, row0 + rows) times the activations'
-   block xb [kc][mp], added to the chunk's sums yt [rows][mp]; `next` (the panel after the last
-   one here) is fetched meanwhile, a few lines a tile. */
+/* Columns [k0, k0 + kc) of the chunk's weight rows [row0, row0 + rows) times the activations
+   (xt: tiles of 16 rows, or a last one of 8, each [k][16 or 8] with k columns), added to the
+   chunk's sums yt [rows][mp]; `next` (the panel after the last one here) is fetched meanwhile,
+   a few lines a tile. */
 static void op_block(const void *weight, int int8, long row0, int rows, int n, int k, int k0, int kc,
-                     const float *xb, long mp, float *panel, float *yt, Prefetch *next) {
+                     const float *xt, long mp, float *panel, float *yt, Prefetch *next) {
     int tiles = (int)(mp / 16) + (mp % 16 != 0);
     for (int q = 0; q < rows; q += OP_NR) {
         long r = row0 + q;
@@ -485,16 +482,16 @@ static void op_block(const void *weight, int int8, long row0, int rows, int n, i
         if (q + OP_NR < rows) { /* the next panel: the chunk's following rows of this block */
             long wsize = int8 ? 1 : 2;
             int count = n - r - OP_NR < OP_NR ? (int)(n - r - OP_NR) : OP_NR;
-            ahead = (Prefetch){(const char *)weight + ((r + OP_NR) * k + k0) * wsize, k * wsize, kc * wsize, count, 0};
+            ahead = (Prefetch){(const char *)weight + ((r + OP_NR) * k + k0) * wsize, k * wsize, kc * wsize, count, 0, 0};
         }
         long per_tile = (prefetch_lines(&ahead) + tiles - 1) / tiles;
         float *yq = yt + (long)q * mp;
         long m0 = 0;
         for (; m0 + 16 <= mp; m0 += 16) {
             prefetch_some(&ahead, per_tile);
-            op_tile16(xb + m0, mp, panel, kc, yq + m0);
+            op_tile16(xt + m0 * k + 16L * k0, mp, panel, kc, yq + m0);
         }
-        if (m0 < mp) op_tile8(xb + m0, mp, panel, kc, yq + m0);
+        if (m0 < mp) op_tile8(xt + m0 * k + 8L * k0, mp, panel, kc, yq + m0);
     }
 }
 
@@ -508,11 +505,12 @@ static int op_rows(const void *weight, const float *scales, const uint16_t *x, c
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
 #pragma omp for schedule(static)
-        for (int i = 0; i < k; i++) { /* transposed, rows padded with zeros */
-            float *column = xt + (long)i * mp;
-            for (int r = 0; r < rows; r++) column[r] = bf16_to_float(x[(long)r * k + i]);
-            for (int r = rows; r < mp; r++) column[r] = 0.0f;
-        }
+        for (int i = 0; i < k; i++) /* transposed a tile at a time, rows padded with zeros */
+            for (long m0 = 0; m0 < mp; m0 += 16) {
+                long width = mp - m0 < 16 ? mp - m0 : 16;
+                float *column = xt + m0 * k + width * i;
+                for (long r = 0; r < width; r++) column[r] = m0 + r < rows ? bf16_to_float(x[(m0 + r) * k + i]) : 0.0f;
+            }
         float *panel = aligned_alloc(64, sizeof(float) * OP_NR * OP_KC);
         float *yt = aligned_alloc(64, sizeof(float) * OP_NC * mp);
         failed = !panel || !yt;
@@ -529,8 +527,8 @@ static int op_rows(const void *weight, const float *scales, const uint16_t *x, c
                 int next_kc = k - k0 - kc < OP_KC ? k - k0 - kc : OP_KC;
                 int next_rows = chunk < OP_NR ? chunk : OP_NR;
                 Prefetch next = {(const char *)weight + (row0 * k + k0 + kc) * wsize, k * wsize, next_kc * wsize,
-                                 next_kc ? next_rows : 0, 0};
-                op_block(weight, int8, row0, chunk, n, k, k0, kc, xt + (long)k0 * mp, mp, panel, yt, &next);
+                                 next_kc ? next_rows : 0, 0, 0};
+                op_block(weight, int8, row0, chunk, n, k, k0, kc, xt, mp, panel, yt, &next);
             }
             for (int r = 0; r < rows; r++) /* sums [chunk][mp] -> y's rows, scaled, biased, rounded */
                 for (int j = 0; j < chunk; j++) {

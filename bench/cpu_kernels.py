@@ -12,7 +12,8 @@ call finds its weight in the caches, as in decoding. A last line gives the machi
 With --rows, each shape is multiplied by that many activation rows instead (a 4 s prompt's
 prefill is ~73 rows; a serving batch 5-16), which is compute-bound: GFLOP/s of the C GEMM
 against what the engine runs without it (torch's bf16 matmul below 16 rows, else the weight
-converted to fp32 for oneDNN; for int8 the int8 values converted the same way).
+converted to fp32 for oneDNN; for int8 the int8 values converted the same way). A last line
+gives the cores' FMA peak (cpu_kernels.fma_gflops), the ceiling of these rates.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     if args.rows:
         for rows in (int(r) for r in args.rows.split(",")):
             gemm_lines(rows, args.repeats)
+        print(json.dumps({"fma_peak_gflops": round(cpu_kernels.fma_gflops(args.threads), 1)}))
         return 0
     for name, N, K, gate in SHAPES:
         rows = 2 * N if gate else N

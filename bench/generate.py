@@ -21,7 +21,12 @@ Prints one JSON line. For each path (`plain`: the eager modules; `fast`: FastLFM
               while a step takes < 80 ms (80 ms of audio per frame): `realtime_streams` is the
               largest swept batch under that
 Plus load_s, peak_rss_gb (and gpu_peak_gb), the memory bandwidth measured here (sums over a
-1 GiB tensor, at the start and at the end, the best), the weight bytes one frame reads, the
+1 GiB tensor, at the start and at the end, the best), the dense matmul rate measured here
+(matmul_gflops: torch's, fp32 on a CPU, bf16 on a GPU; fma_peak_gflops: the cores' FMA peak, from
+the CPU kernels) and the prompt's backbone work (prefill_gflop), which give each path a lower
+bound on its first audio (ttfa_floor_s: those GFLOP at the higher of the two rates,
+then the weight bytes of the n_text text steps and one depthformer frame at that bandwidth; the
+conformer left out) and ttfa_ratio_to_floor, the weight bytes one frame reads, the
 frame rate that bandwidth allows (the floor, also as floor_ms) and each path's ratio to it
 (frame time / floor time; on CPU also paired_ratio_to_floor, the median over rounds of frame
 steps each timed right after its own bandwidth reading, and that reading's median as
@@ -60,6 +65,7 @@ from lfm2_audio.generation.chat import Conversation
 from lfm2_audio.generation.fast import FastLFM2Audio, use_all_cores
 from lfm2_audio.generation.generate import generate
 from lfm2_audio.generation.sampling import CHAT_AUDIO, GREEDY
+from lfm2_audio.model import cpu_kernels
 from lfm2_audio.model.lfm2_audio import LFM2AudioModel, parse_dtype
 from lfm2_audio.model.quantize import QUANT_MODES, quantize_model
 
@@ -120,16 +126,50 @@ def read_gbs(a: torch.Tensor, repeats: int) -> float:
     return a.numel() * a.element_size() / min(_timed(a.sum) for _ in range(repeats)) / 1e9
 
 
-def frame_bytes(model) -> int:
-    """Weight bytes one audio frame reads in the plain path: the backbone layers once, then
-    depth_linear and, for each of the K codebooks, the depthformer and that codebook's head."""
+def weight_bytes(m) -> dict:
+    """Weight bytes a decode step reads, by part: `backbone` (one position through every layer),
+    `text_head` (the text logits) and `depth` (depth_linear, then for each of the K codebooks the
+    depthformer and that codebook's head). m: the plain model, or the fast engine (its own
+    weights, e.g. int8)."""
+    if hasattr(m, "bytes_per_frame"):
+        return {"backbone": m.lfm.bytes_per_step, "text_head": m.text_head.bytes, "depth": m.depth.bytes_per_frame}
+
     def size(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    backbone = size(p for layer in model.lfm.layers for p in layer.parameters() if p.dim() > 1)
-    depth = size(p for p in model.depthformer.parameters() if p.dim() > 1)
-    heads = size(e.logits_weight() for e in model.depth_embeddings)
-    return backbone + size(model.depth_linear.parameters()) + model.cfg.codebooks * depth + heads
+    depth = size(p for p in m.depthformer.parameters() if p.dim() > 1)
+    heads = size(e.logits_weight() for e in m.depth_embeddings)
+    return {"backbone": size(p for layer in m.lfm.layers for p in layer.parameters() if p.dim() > 1),
+            "text_head": size([m.lfm.embed_tokens.weight]),
+            "depth": size(m.depth_linear.parameters()) + m.cfg.codebooks * depth + heads}
+
+
+def frame_bytes(m) -> int:
+    """Weight bytes one audio frame reads: a backbone step and the depthformer frame."""
+    parts = weight_bytes(m)
+    return parts["backbone"] + parts["depth"]
+
+
+def ttfa_floor_s(parts: dict, n_text: int, prefill_gflop: float, gflops: float, bandwidth_gbs: float) -> float:
+    """A lower bound on the time to first audio: the prefill's backbone products at the
+    machine's matmul rate (the conformer left out), then the weights read by n_text text steps
+    (text head and backbone step) and one depthformer frame at its read bandwidth."""
+    read = n_text * (parts["text_head"] + parts["backbone"]) + parts["depth"]
+    return prefill_gflop / gflops + read / (bandwidth_gbs * 1e9)
+
+
+def prefill_gflop(model, positions: int) -> float:
+    """Multiply-adds of the backbone's weights over the prompt's positions, as GFLOP."""
+    weights = sum(p.numel() for layer in model.lfm.layers for p in layer.parameters() if p.dim() > 1)
+    return 2 * positions * weights / 1e9
+
+
+def matmul_gflops(device, repeats: int = 5) -> float:
+    """torch's dense matmul rate here: fp32 on a CPU (oneDNN), bf16 on a GPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (2048, torch.float32)
+    a = torch.randn(n // 2, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * (n // 2) * n * n / best_of(lambda: a @ b, repeats) / 1e9
 
 
 # ---- prompt ------------------------------------------------------------------------------------
@@ -413,14 +453,21 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t
     prompt = make_prompt(model)
     bandwidth = memory_bandwidth_gbs(device=device)
+    # The prefill's bound: the cores' FMA peak where the CPU kernels can measure it (oneDNN's fp32
+    # GEMM reaches ~60% of it on a 2-core AVX2 EPYC), else torch's matmul rate.
+    fma = None if cuda else cpu_kernels.fma_gflops(threads)
+    compute = max(matmul_gflops(device), fma or 0.0)
     result = {"model": args.model, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "dtype": args.dtype, "quantize": args.quantize, "exact": args.exact, "batch": args.batch,
               "threads": threads, "frames": args.frames, "text_tokens": args.text_tokens,
-              "load_s": round(load_s, 2), "bandwidth_gbs": round(bandwidth, 1)}
+              "load_s": round(load_s, 2), "bandwidth_gbs": round(bandwidth, 1), "matmul_gflops": round(matmul_gflops(device), 1),
+              "fma_peak_gflops": fma and round(fma, 1),
+              "prefill_gflop": round(prefill_gflop(model, new_conversation(model, prompt).pending_embeddings().shape[0]), 1)}
     do_sweep = len(batches) > 1 or cuda
     timing = {"batch": args.batch, "n_text": args.text_tokens, "n_frames": args.frames, "repeats": args.repeats}
 
     plain_bytes = frame_bytes(model)
+    parts = {"plain": weight_bytes(model)}
     if not args.skip_plain:
         result["plain"] = measure(model, prompt, **timing, frame_bytes=None if cuda else plain_bytes)
         result["plain"]["frame_bytes_gb"] = plain_bytes / 1e9
@@ -455,6 +502,7 @@ def main(argv=None) -> int:
                                   if getattr(part, "cpu_step", None) is not None]
     t = time.perf_counter()
     fast_bytes = fast.bytes_per_frame()
+    parts["fast"] = weight_bytes(fast)
     result["fast"] = measure(fast, prompt, **timing, frame_bytes=None if cuda else fast_bytes)
     result["fast"]["frame_bytes_gb"] = fast_bytes / 1e9
     if do_sweep:
@@ -469,6 +517,10 @@ def main(argv=None) -> int:
 
     # Measured again at the end (the machine is shared; the higher figure is the machine's).
     bandwidth = max(bandwidth, memory_bandwidth_gbs(device=device))
+    if fma:
+        fma = max(fma, cpu_kernels.fma_gflops(threads))
+        compute = max(compute, fma)
+        result["fma_peak_gflops"] = fma
     result["bandwidth_gbs"] = round(bandwidth, 1)
     for name in ("plain", "fast"):
         if name not in result:
@@ -478,6 +530,9 @@ def main(argv=None) -> int:
         r["floor_fps"] = floor_fps
         r["floor_ms"] = 1000 / floor_fps
         r["ratio_to_floor"] = floor_fps / (r["audio_fps"] / args.batch)
+        r["ttfa_floor_s"] = ttfa_floor_s(parts[name], fast.cfg.interleaved_n_text, result["prefill_gflop"], compute,
+                                         bandwidth)
+        r["ttfa_ratio_to_floor"] = r["ttfa_s"] / r["ttfa_floor_s"]
         if "sweep" in r:
             r["realtime_streams"] = realtime_streams(r["sweep"])
     if "plain" in result:

@@ -342,3 +342,8 @@ def test_serving_engines_reply_through_the_kernels(tokenizer):
         assert summary(got[0]) == summary(want[0])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_fma_peak_is_measured():
+    one, two = (cpu_kernels.fma_gflops(threads, seconds=0.01, repeats=2) for threads in (1, 2))
+    assert 1.0 < one and 1.0 < two  # GFLOP/s; two threads may share a core, so no ratio is promised

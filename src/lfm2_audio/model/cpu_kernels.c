@@ -563,6 +563,37 @@ int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const u
     }
     return 0;
 }
+/* The cores' FMA peak in GFLOP/s, for benchmarks to measure against: each thread runs twelve
+   independent 8-wide FMA chains (enough to cover the FMA latency on two pipes) from registers
+   for `iterations` rounds. */
+double lfm_fma_gflops(long iterations, int threads) {
+    double start = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+    {
+        long count = iterations;
+        __asm__ volatile("vxorps %%xmm0, %%xmm0, %%xmm0\n\t" "vxorps %%xmm1, %%xmm1, %%xmm1\n\t"
+                         "vxorps %%xmm2, %%xmm2, %%xmm2\n\t" "vxorps %%xmm3, %%xmm3, %%xmm3\n\t"
+                         "vxorps %%xmm4, %%xmm4, %%xmm4\n\t" "vxorps %%xmm5, %%xmm5, %%xmm5\n\t"
+                         "vxorps %%xmm6, %%xmm6, %%xmm6\n\t" "vxorps %%xmm7, %%xmm7, %%xmm7\n\t"
+                         "vxorps %%xmm8, %%xmm8, %%xmm8\n\t" "vxorps %%xmm9, %%xmm9, %%xmm9\n\t"
+                         "vxorps %%xmm10, %%xmm10, %%xmm10\n\t" "vxorps %%xmm11, %%xmm11, %%xmm11\n\t"
+                         "vxorps %%xmm12, %%xmm12, %%xmm12\n\t" "vxorps %%xmm13, %%xmm13, %%xmm13\n\t"
+                         "1:\n\t"
+                         "vfmadd231ps %%ymm12, %%ymm13, %%ymm0\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm1\n\t"
+                         "vfmadd231ps %%ymm12, %%ymm13, %%ymm2\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm3\n\t"
+                         "vfmadd231ps %%ymm12, %%ymm13, %%ymm4\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm5\n\t"
+                         "vfmadd231ps %%ymm12, %%ymm13, %%ymm6\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm7\n\t"
+                         "vfmadd231ps %%ymm12, %%ymm13, %%ymm8\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm9\n\t"
+                         "vfmadd231ps %%ymm12, %%ymm13, %%ymm10\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm11\n\t"
+                         "dec %[count]\n\t" "jnz 1b\n\t"
+                         : [count] "+r"(count)
+                         :
+                         : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+                           "xmm11", "xmm12", "xmm13", "cc");
+    }
+    return 12.0 * 16.0 * (double)iterations * threads / (omp_get_wtime() - start) / 1e9;
+}
+
 /* ---- pieces of both steps -------------------------------------------------------------------- */
 
 /* 1 / rms(x) over n values, in fp32 (torch's rms_norm of an fp32 tensor). */

@@ -119,6 +119,8 @@ def library() -> ctypes.CDLL | None:
     lib.lfm_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.lfm_linear.restype = lib.lfm_depth_step.restype = lib.lfm_backbone_step.restype = ctypes.c_int
     lib.lfm_gemm.restype = ctypes.c_int
+    lib.lfm_fma_gflops.argtypes = [ctypes.c_long, ctypes.c_int]
+    lib.lfm_fma_gflops.restype = ctypes.c_double
     return lib
 
 
@@ -190,6 +192,20 @@ def gemm(x2: torch.Tensor, weight: torch.Tensor, scales32: torch.Tensor | None =
         raise ValueError(f"the CPU GEMM takes a multiple of 16 columns, not {k}")
     _check(rc)
     return y
+
+
+def fma_gflops(threads: int | None = None, seconds: float = 0.1, repeats: int = 8) -> float | None:
+    """The cores' FMA peak (fp32 GFLOP/s over `threads`, default torch's), the best of `repeats`
+    runs of about `seconds` each (on a shared machine another tenant can halve a run): what
+    compute-bound kernels are measured against. None without the kernels."""
+    lib = library()
+    if lib is None:
+        return None
+    threads = threads or torch.get_num_threads()
+    iterations = 1 << 16
+    while 12 * 16 * iterations / lib.lfm_fma_gflops(iterations, 1) / 1e9 < seconds:
+        iterations *= 2
+    return max(lib.lfm_fma_gflops(iterations, threads) for _ in range(repeats))
 
 
 def linear_struct(weight: torch.Tensor, scales32: torch.Tensor | None = None) -> Linear:

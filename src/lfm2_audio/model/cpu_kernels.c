@@ -563,14 +563,18 @@ int lfm_gemm(const void *weight, const float *scales, const uint16_t *x, const u
     }
     return 0;
 }
+
 /* The cores' FMA peak in GFLOP/s, for benchmarks to measure against: each thread runs twelve
    independent 8-wide FMA chains (enough to cover the FMA latency on two pipes) from registers
    for `iterations` rounds. */
 double lfm_fma_gflops(long iterations, int threads) {
     double start = omp_get_wtime();
+    int team = 1; /* the threads the runtime gave, which may be fewer than asked for */
 #pragma omp parallel num_threads(threads)
     {
         long count = iterations;
+#pragma omp single nowait
+        team = omp_get_num_threads();
         __asm__ volatile("vxorps %%xmm0, %%xmm0, %%xmm0\n\t" "vxorps %%xmm1, %%xmm1, %%xmm1\n\t"
                          "vxorps %%xmm2, %%xmm2, %%xmm2\n\t" "vxorps %%xmm3, %%xmm3, %%xmm3\n\t"
                          "vxorps %%xmm4, %%xmm4, %%xmm4\n\t" "vxorps %%xmm5, %%xmm5, %%xmm5\n\t"
@@ -591,7 +595,7 @@ double lfm_fma_gflops(long iterations, int threads) {
                          : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
                            "xmm11", "xmm12", "xmm13", "cc");
     }
-    return 12.0 * 16.0 * (double)iterations * threads / (omp_get_wtime() - start) / 1e9;
+    return 12.0 * 16.0 * (double)iterations * team / (omp_get_wtime() - start) / 1e9;
 }
 
 /* ---- pieces of both steps -------------------------------------------------------------------- */

@@ -498,7 +498,7 @@ static void op_block(const void *weight, int int8, long row0, int rows, int n, i
 /* lfm_gemm over at least OP_MIN_ROWS rows (at most OP_MAX_ROWS): the outer-product tiles. */
 static int op_rows(const void *weight, const float *scales, const uint16_t *x, const uint16_t *bias, uint16_t *y,
                    int rows, int n, int k, int threads) {
-    int int8 = scales != NULL, failed = 0, panels = (n + OP_NR - 1) / OP_NR;
+    int int8 = scales != NULL, failed = 0;
     long mp = (rows + 7) / 8 * 8, wsize = int8 ? 1 : 2;
     float *xt = aligned_alloc(64, sizeof(float) * mp * k);
     if (!xt) return -2;
@@ -514,12 +514,12 @@ static int op_rows(const void *weight, const float *scales, const uint16_t *x, c
         float *panel = aligned_alloc(64, sizeof(float) * OP_NR * OP_KC);
         float *yt = aligned_alloc(64, sizeof(float) * OP_NC * mp);
         failed = !panel || !yt;
-        /* Each thread one run of whole panels, so the threads' shares differ by at most one. */
-        int t = omp_get_thread_num(), T = omp_get_num_threads();
-        long first = (long)panels * t / T * OP_NR, last = (long)panels * (t + 1) / T * OP_NR;
-        last = last < n ? last : n;
-        for (long row0 = first; row0 < last && !failed; row0 += OP_NC) {
-            int chunk = last - row0 < OP_NC ? (int)(last - row0) : OP_NC;
+        /* Chunks handed out one at a time: on a shared machine one core can lose a share of its
+           time to another tenant, and a fixed split would leave the other waiting for it. */
+#pragma omp for schedule(dynamic, 1)
+        for (long row0 = 0; row0 < n; row0 += OP_NC) {
+            if (failed) continue;
+            int chunk = n - row0 < OP_NC ? (int)(n - row0) : OP_NC;
             memset(yt, 0, sizeof(float) * OP_NC * mp);
             for (int k0 = 0; k0 < k; k0 += OP_KC) {
                 int kc = k - k0 < OP_KC ? k - k0 : OP_KC;

@@ -403,7 +403,7 @@ static int gemm_rows(const void *weight, const float *scales, const uint16_t *x,
         for (long i = 0; i < (long)rows * k; i += 8) _mm256_storeu_ps(xf + i, widen_bf16(x + i));
         float *panel = aligned_alloc(64, sizeof(float) * GEMM_PANEL * k);
         failed = panel == NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8) /* runs of 8 panels: the prefetch of the next one mostly hits */
         for (int b = 0; b < panels; b++) {
             if (!panel) continue;
             int j = b * GEMM_PANEL, C = n - j < GEMM_PANEL ? n - j : GEMM_PANEL;

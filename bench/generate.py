@@ -139,14 +139,18 @@ def weight_bytes(m) -> dict:
 
     depth = size(p for p in m.depthformer.parameters() if p.dim() > 1)
     heads = size(e.logits_weight() for e in m.depth_embeddings)
-    return {"backbone": size(p for layer in m.lfm.layers for p in layer.parameters() if p.dim() > 1),
-            "text_head": size([m.lfm.embed_tokens.weight]),
+    return {"backbone": size(backbone_matrices(m)), "text_head": size([m.lfm.embed_tokens.weight]),
             "depth": size(m.depth_linear.parameters()) + m.cfg.codebooks * depth + heads}
 
 
-def frame_bytes(m) -> int:
-    """Weight bytes one audio frame reads: a backbone step and the depthformer frame."""
-    parts = weight_bytes(m)
+def backbone_matrices(model):
+    """The backbone layers' weight matrices (and conv kernels): what a position multiplies by."""
+    return (p for layer in model.lfm.layers for p in layer.parameters() if p.dim() > 1)
+
+
+def frame_bytes(parts: dict) -> int:
+    """Weight bytes one audio frame reads (of weight_bytes' parts): a backbone step and the
+    depthformer frame."""
     return parts["backbone"] + parts["depth"]
 
 
@@ -160,8 +164,7 @@ def ttfa_floor_s(parts: dict, n_text: int, prefill_gflop: float, gflops: float, 
 
 def prefill_gflop(model, positions: int) -> float:
     """Multiply-adds of the backbone's weights over the prompt's positions, as GFLOP."""
-    weights = sum(p.numel() for layer in model.lfm.layers for p in layer.parameters() if p.dim() > 1)
-    return 2 * positions * weights / 1e9
+    return 2 * positions * sum(p.numel() for p in backbone_matrices(model)) / 1e9
 
 
 def matmul_gflops(device, repeats: int = 5) -> float:
@@ -456,18 +459,19 @@ def main(argv=None) -> int:
     # The prefill's bound: the cores' FMA peak where the CPU kernels can measure it (oneDNN's fp32
     # GEMM reaches ~60% of it on a 2-core AVX2 EPYC), else torch's matmul rate.
     fma = None if cuda else cpu_kernels.fma_gflops(threads)
-    compute = max(matmul_gflops(device), fma or 0.0)
+    matmul = matmul_gflops(device)
+    compute = max(matmul, fma or 0.0)
     result = {"model": args.model, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
               "dtype": args.dtype, "quantize": args.quantize, "exact": args.exact, "batch": args.batch,
               "threads": threads, "frames": args.frames, "text_tokens": args.text_tokens,
-              "load_s": round(load_s, 2), "bandwidth_gbs": round(bandwidth, 1), "matmul_gflops": round(matmul_gflops(device), 1),
+              "load_s": round(load_s, 2), "bandwidth_gbs": round(bandwidth, 1), "matmul_gflops": round(matmul, 1),
               "fma_peak_gflops": fma and round(fma, 1),
               "prefill_gflop": round(prefill_gflop(model, new_conversation(model, prompt).pending_embeddings().shape[0]), 1)}
     do_sweep = len(batches) > 1 or cuda
     timing = {"batch": args.batch, "n_text": args.text_tokens, "n_frames": args.frames, "repeats": args.repeats}
 
-    plain_bytes = frame_bytes(model)
     parts = {"plain": weight_bytes(model)}
+    plain_bytes = frame_bytes(parts["plain"])
     if not args.skip_plain:
         result["plain"] = measure(model, prompt, **timing, frame_bytes=None if cuda else plain_bytes)
         result["plain"]["frame_bytes_gb"] = plain_bytes / 1e9
@@ -501,8 +505,8 @@ def main(argv=None) -> int:
     result["cpu_kernel_steps"] = [name for name, part in (("backbone", fast.lfm), ("depth", fast.depth))
                                   if getattr(part, "cpu_step", None) is not None]
     t = time.perf_counter()
-    fast_bytes = fast.bytes_per_frame()
     parts["fast"] = weight_bytes(fast)
+    fast_bytes = frame_bytes(parts["fast"])
     result["fast"] = measure(fast, prompt, **timing, frame_bytes=None if cuda else fast_bytes)
     result["fast"]["frame_bytes_gb"] = fast_bytes / 1e9
     if do_sweep:

@@ -44,13 +44,14 @@ def int4_groups(w: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def rounding(scheme: str):
-    """The weight -> rounded weight (fp32) function of a scheme name."""
+    """(the weight -> rounded weight (fp32) function, the input columns a scale covers, 1 for a
+    whole row) of a scheme name."""
     kind, _, group = scheme.partition("-g")
     if kind == "int8" and not group:
-        return lambda w: dequantize_int8(*quantize_int8(w))
+        return (lambda w: dequantize_int8(*quantize_int8(w))), 1
     if kind in ("int8", "int4") and group.isdigit():
         fn = int8_groups if kind == "int8" else int4_groups
-        return lambda w: fn(w, int(group))
+        return (lambda w: fn(w, int(group))), int(group)
     raise SystemExit(f"unknown scheme {scheme!r}: int8, int8-gG or int4-gG")
 
 
@@ -80,9 +81,8 @@ def main(argv=None) -> int:
     table = model.lfm.embed_tokens.weight.detach()
     widths = sorted({w.shape[1] for w in originals} | {table.shape[1]})
     for scheme in args.schemes.split(","):
-        fn = rounding(scheme)
+        fn, group = rounding(scheme)
         line = {"model": args.model, "scheme": scheme, "steps": args.steps}
-        group = int(scheme.partition("-g")[2] or 1)
         if any(width % group for width in widths):
             print(json.dumps({**line, "skipped": f"input sizes {widths} are not all multiples of {group}"}), flush=True)
             continue

@@ -252,6 +252,11 @@ typedef struct {
     const uint16_t *bias;
 } Epilogue;
 
+/* Output column c's finished sum, scaled, biased and rounded to bf16. */
+static inline uint16_t epilogue(float sum, Epilogue e, long c) {
+    return float_to_bf16((e.scales ? sum * e.scales[c] : sum) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
+}
+
 /* The sums of a tile, scaled, biased and rounded into y [rows, n] bf16. */
 static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, Epilogue e, uint16_t *y, int R,
                                                              int C, int n) {
@@ -270,10 +275,7 @@ static inline __attribute__((always_inline)) void gemm_store(const __m256 *acc, 
             for (int c = 0; c < 4; c++) yr[c] = float_to_bf16(v[c]);
             continue;
         }
-        for (int c = 0; c < C; c++) {
-            float s = hsum(a[c]);
-            yr[c] = float_to_bf16((e.scales ? s * e.scales[c] : s) + (e.bias ? bf16_to_float(e.bias[c]) : 0.0f));
-        }
+        for (int c = 0; c < C; c++) yr[c] = epilogue(hsum(a[c]), e, c);
     }
 }
 
@@ -473,7 +475,7 @@ static inline void op_tile8(const float *xt, long mp, const float *panel, int kc
    a few lines a tile. */
 static void op_block(const void *weight, int int8, long row0, int rows, int n, int k, int k0, int kc,
                      const float *xt, long mp, float *panel, float *yt, Prefetch *next) {
-    int tiles = (int)(mp / 16) + (mp % 16 != 0);
+    int tiles = (int)((mp + 15) / 16);
     for (int q = 0; q < rows; q += OP_NR) {
         long r = row0 + q;
         for (int c = 0; c < OP_NR; c++) { /* rows past n widen to zeros */
@@ -502,6 +504,7 @@ static int op_rows(const void *weight, const float *scales, const uint16_t *x, c
                    int rows, int n, int k, int threads) {
     int int8 = scales != NULL, failed = 0;
     long mp = (rows + 7) / 8 * 8, wsize = int8 ? 1 : 2;
+    Epilogue e = {scales, bias};
     float *xt = aligned_alloc(64, sizeof(float) * mp * k);
     if (!xt) return -2;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
@@ -533,12 +536,7 @@ static int op_rows(const void *weight, const float *scales, const uint16_t *x, c
                 op_block(weight, int8, row0, chunk, n, k, k0, kc, xt, mp, panel, yt, &next);
             }
             for (int r = 0; r < rows; r++) /* sums [chunk][mp] -> y's rows, scaled, biased, rounded */
-                for (int j = 0; j < chunk; j++) {
-                    float s = yt[(long)j * mp + r];
-                    if (scales) s *= scales[row0 + j];
-                    if (bias) s += bf16_to_float(bias[row0 + j]);
-                    y[(long)r * n + row0 + j] = float_to_bf16(s);
-                }
+                for (int j = 0; j < chunk; j++) y[(long)r * n + row0 + j] = epilogue(yt[(long)j * mp + r], e, row0 + j);
         }
         free(panel);
         free(yt);
@@ -577,13 +575,7 @@ double lfm_fma_gflops(long iterations, int threads) {
         long count = iterations;
 #pragma omp single nowait
         team = omp_get_num_threads();
-        __asm__ volatile("vxorps %%xmm0, %%xmm0, %%xmm0\n\t" "vxorps %%xmm1, %%xmm1, %%xmm1\n\t"
-                         "vxorps %%xmm2, %%xmm2, %%xmm2\n\t" "vxorps %%xmm3, %%xmm3, %%xmm3\n\t"
-                         "vxorps %%xmm4, %%xmm4, %%xmm4\n\t" "vxorps %%xmm5, %%xmm5, %%xmm5\n\t"
-                         "vxorps %%xmm6, %%xmm6, %%xmm6\n\t" "vxorps %%xmm7, %%xmm7, %%xmm7\n\t"
-                         "vxorps %%xmm8, %%xmm8, %%xmm8\n\t" "vxorps %%xmm9, %%xmm9, %%xmm9\n\t"
-                         "vxorps %%xmm10, %%xmm10, %%xmm10\n\t" "vxorps %%xmm11, %%xmm11, %%xmm11\n\t"
-                         "vxorps %%xmm12, %%xmm12, %%xmm12\n\t" "vxorps %%xmm13, %%xmm13, %%xmm13\n\t"
+        __asm__ volatile(ZERO12 "vxorps %%xmm12, %%xmm12, %%xmm12\n\t" "vxorps %%xmm13, %%xmm13, %%xmm13\n\t"
                          "1:\n\t"
                          "vfmadd231ps %%ymm12, %%ymm13, %%ymm0\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm1\n\t"
                          "vfmadd231ps %%ymm12, %%ymm13, %%ymm2\n\t" "vfmadd231ps %%ymm12, %%ymm13, %%ymm3\n\t"

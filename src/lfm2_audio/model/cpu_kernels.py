@@ -151,23 +151,24 @@ def _output(x2, weight, scales32) -> torch.Tensor:
     return torch.empty(x2.shape[0], weight.shape[0], dtype=torch.bfloat16)
 
 
-def _linear(x2, weight, scales32, bias):
+def _product(entry, x2, weight, scales32, bias):
+    """y = x2 @ weight.T (+ bias) through a kernel entry point that takes (weight, scales, x,
+    bias, y, rows, n, k, threads): lfm_linear or lfm_gemm."""
     rows, k = x2.shape
-    n = weight.shape[0]
     y = _output(x2, weight, scales32)
-    _check(library().lfm_linear(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(),
-                                rows, n, k, torch.get_num_threads()))
+    _check(entry(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, weight.shape[0], k,
+                 torch.get_num_threads()))
     return y
 
 
 def bf16_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [rows, K] @ weight [N, K].T (+ bias [N]), all bf16 and contiguous; `usable(x2)`."""
-    return _linear(x2, weight, None, bias)
+    return _product(library().lfm_linear, x2, weight, None, bias)
 
 
 def int8_linear(x2: torch.Tensor, q: torch.Tensor, scales32: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x2 [rows, K] bf16 @ (q [N, K] int8 * scales32 [N] fp32).T (+ bias [N] bf16); `usable(x2)`."""
-    return _linear(x2, q, scales32, bias)
+    return _product(library().lfm_linear, x2, q, scales32, bias)
 
 
 def gemm_usable(x2: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -184,14 +185,10 @@ def gemm(x2: torch.Tensor, weight: torch.Tensor, scales32: torch.Tensor | None =
     bf16, or int8 times fp32 row scales; fp32 sums, rounded once to bf16. `gemm_usable(x2)`."""
     x2 = x2.contiguous()
     rows, k = x2.shape
-    n = weight.shape[0]
-    y = _output(x2, weight, scales32)
-    rc = library().lfm_gemm(weight.data_ptr(), _ptr(scales32), x2.data_ptr(), _ptr(bias), y.data_ptr(), rows, n, k,
-                            torch.get_num_threads())
-    if rc == -1:
-        raise ValueError(f"the CPU GEMM takes a multiple of 16 columns, not {k}")
-    _check(rc)
-    return y
+    if not rows or not weight.shape[0] or k < 16 or k % 16:  # the shapes lfm_gemm refuses
+        raise ValueError(f"the CPU GEMM takes rows of a multiple of 16 columns, not {tuple(x2.shape)} against "
+                         f"{tuple(weight.shape)}")
+    return _product(library().lfm_gemm, x2, weight, scales32, bias)
 
 
 def fma_gflops(threads: int | None = None, seconds: float = 0.1, repeats: int = 8) -> float | None:
